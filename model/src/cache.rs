@@ -1,0 +1,106 @@
+//! A preallocated key/value cache for a whole batch: prefill writes the prompt, each decode step
+//! appends one column. All rows share one write position (prompts are left-padded), and a per-row
+//! validity mask says which columns hold real tokens.
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+
+use crate::config::Qwen2Config;
+
+/// Keys and values of every layer, `[batch, kv_heads, capacity, head_dim]`, filled up to `len`.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    keys: Vec<Tensor<B, 4>>,
+    values: Vec<Tensor<B, 4>>,
+    /// `[batch, capacity]`: true where the column holds a real (non-padding) token.
+    valid: Tensor<B, 2, Bool>,
+    len: usize,
+    capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `batch` rows and at most `capacity` tokens per row.
+    pub fn new(config: &Qwen2Config, batch: usize, capacity: usize, device: &B::Device) -> Self {
+        let shape = [batch, config.num_key_value_heads, capacity, config.head_dim];
+        let layers = config.num_hidden_layers;
+        Self {
+            keys: (0..layers).map(|_| Tensor::zeros(shape, device)).collect(),
+            values: (0..layers).map(|_| Tensor::zeros(shape, device)).collect(),
+            valid: Tensor::<B, 2, Int>::zeros([batch, capacity], device).bool(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Tokens written so far (the same for every row).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Maximum number of tokens per row.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Rows in the cache.
+    pub fn batch(&self) -> usize {
+        self.valid.dims()[0]
+    }
+
+    /// Records which of the `t` incoming columns are real tokens and returns the key-validity
+    /// mask over everything cached after them, `[batch, len + t]`.
+    pub(crate) fn push_valid(&mut self, new_valid: Tensor<B, 2, Bool>) -> Tensor<B, 2, Bool> {
+        let [b, t] = new_valid.dims();
+        assert!(
+            self.len + t <= self.capacity,
+            "KV cache overflow: {} cached + {t} new > capacity {}",
+            self.len,
+            self.capacity
+        );
+        let valid = std::mem::replace(&mut self.valid, new_valid.clone());
+        self.valid = valid.slice_assign([0..b, self.len..self.len + t], new_valid);
+        self.valid.clone().slice([0..b, 0..self.len + t])
+    }
+
+    /// Writes layer `layer`'s new keys and values (`[batch, kv_heads, t, head_dim]`) after the
+    /// cached ones and returns all of them, `[batch, kv_heads, len + t, head_dim]`.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, h, t, d] = k.dims();
+        let (start, end) = (self.len, self.len + t);
+        let write = |cache: &mut Tensor<B, 4>, new: Tensor<B, 4>| {
+            let old = std::mem::replace(cache, new.clone());
+            *cache = old.slice_assign([0..b, 0..h, start..end, 0..d], new);
+            cache.clone().slice([0..b, 0..h, 0..end, 0..d])
+        };
+        let keys = write(&mut self.keys[layer], k);
+        let values = write(&mut self.values[layer], v);
+        (keys, values)
+    }
+
+    /// Marks the `t` columns written by the last forward call as cached.
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Keeps only the given rows, in that order (used to drop finished sequences so they stop
+    /// costing compute).
+    pub fn retain_rows(&mut self, rows: &[usize]) {
+        let device = self.valid.device();
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            &device,
+        );
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *t = t.clone().select(0, idx.clone());
+        }
+        self.valid = self.valid.clone().select(0, idx);
+    }
+}

@@ -1,0 +1,16 @@
+//! A Qwen2 / Qwen2.5 decoder written natively in Burn: configuration, model, KV cache and
+//! Hugging Face safetensors import/export. Generic over `B: Backend`; no training logic here.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod linear;
+pub mod model;
+pub mod rope;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::Qwen2Config;
+pub use error::{ModelError, Result};
+pub use model::{log_softmax_gather, Qwen2, TensorSource};
+pub use weights::{hf_tensors, load_qwen2, save_qwen2, SaveDtype};

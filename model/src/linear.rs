@@ -1,0 +1,40 @@
+//! A dense layer with its weight stored `[in, out]` (Burn's convention; Hugging Face stores
+//! `[out, in]`, the weight loader transposes).
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Tensor};
+
+/// `y = x·W + b`.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[in, out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Zero-initialised layer (the loader fills it; tests fill it with random values).
+    pub fn zeros(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::zeros([d_in, d_out], device)),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+        }
+    }
+
+    /// `x: [..., in] → [..., out]`; the leading dimensions are flattened into one GEMM.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let d_in = dims[D - 1];
+        let rows: usize = dims[..D - 1].iter().product();
+        let w = self.weight.val();
+        let d_out = w.dims()[1];
+        let mut y = x.reshape([rows, d_in]).matmul(w);
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze::<2>();
+        }
+        let mut out = dims;
+        out[D - 1] = d_out;
+        y.reshape(out)
+    }
+}

@@ -1,0 +1,362 @@
+//! The Qwen2 / Qwen2.5 decoder: token embedding → N × (RMSNorm → GQA self-attention with q/k/v
+//! bias and `rotate_half` RoPE → residual → RMSNorm → SwiGLU MLP → residual) → final RMSNorm →
+//! LM head (tied to the embedding or not). Generic over the Burn backend; batches may be
+//! left-padded (a key-validity mask plus per-row positions).
+
+use burn::module::{Module, Param};
+use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
+
+use crate::cache::KvCache;
+use crate::config::Qwen2Config;
+use crate::linear::Linear;
+use crate::rope::{apply_rope, rope_tables};
+
+/// Value written into masked attention scores (finite, so a fully masked padding row gives a
+/// uniform distribution instead of NaN).
+const MASKED: f32 = -1.0e30;
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `softmax(q·kᵀ/√d + mask)·v` for `x: [b, t, hidden]`. The `rep = heads / kv_heads` query heads
+    /// that share a key/value head are folded into the row dimension (`[b, kv, rep·t, d]`), so the
+    /// keys and values are never copied `rep` times (same result as HF `repeat_kv`).
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        mask: &Tensor<B, 4, Bool>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let rep = nh / nkv;
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nh), &rope.0, &rope.1);
+        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), &rope.0, &rope.1);
+        let v = heads(self.v_proj.forward(x), nkv);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let s = k.dims()[2];
+        let q = q.reshape([b, nkv, rep * t, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        let dtype = scores.dtype();
+        let scores = scores.cast(DType::F32).mask_fill(mask.clone(), MASKED);
+        let probs = softmax(scores, 3).cast(dtype);
+        let out = probs.matmul(v); // [b, nkv, rep·t, d]
+        debug_assert_eq!(out.dims(), [b, nkv, rep * t, d]);
+        let _ = s;
+        let out = out.reshape([b, nh, t, d]).swap_dims(1, 2).reshape([b, t, nh * d]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &(Tensor<B, 4>, Tensor<B, 4>),
+        mask: &Tensor<B, 4, Bool>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rope, mask, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The whole causal language model.
+#[derive(Module, Debug)]
+pub struct Qwen2<B: Backend> {
+    /// `[vocab, hidden]` (the Hugging Face layout).
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    pub rope_theta: f64,
+    pub head_dim: usize,
+}
+
+/// Supplies the tensor called `name` (Hugging Face name and `[out, in]` shape) while a model is
+/// built; the loader reads it from safetensors, `init_random` draws it.
+pub trait TensorSource {
+    fn tensor(&mut self, name: &str, hf_shape: &[usize]) -> crate::Result<TensorData>;
+}
+
+impl<B: Backend> Qwen2<B> {
+    /// Builds the model, asking `src` for every tensor by its Hugging Face name.
+    pub fn build(
+        config: &Qwen2Config,
+        src: &mut dyn TensorSource,
+        device: &B::Device,
+    ) -> crate::Result<Self> {
+        let c = config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let mut vector = |name: String, n: usize| -> crate::Result<Param<Tensor<B, 1>>> {
+            Ok(Param::from_tensor(Tensor::from_data(src.tensor(&name, &[n])?, device)))
+        };
+        // Cannot borrow `src` in two closures at once: collect 1-D tensors through `vector`
+        // and 2-D through a helper below.
+        let mut norms = Vec::new();
+        let mut biases = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            norms.push((
+                vector(format!("{p}.input_layernorm.weight"), h)?,
+                vector(format!("{p}.post_attention_layernorm.weight"), h)?,
+            ));
+            biases.push((
+                vector(format!("{p}.self_attn.q_proj.bias"), c.num_attention_heads * hd)?,
+                vector(format!("{p}.self_attn.k_proj.bias"), c.num_key_value_heads * hd)?,
+                vector(format!("{p}.self_attn.v_proj.bias"), c.num_key_value_heads * hd)?,
+            ));
+        }
+        let final_norm = vector("model.norm.weight".into(), h)?;
+        let matrix = |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize| {
+            let data = src.tensor(name, &[out, inp])?;
+            // HF stores [out, in]; Burn multiplies x·W with W [in, out].
+            Ok::<_, crate::ModelError>(Tensor::<B, 2>::from_data(data, device).transpose())
+        };
+        let linear = |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize, bias| {
+            Ok::<_, crate::ModelError>(Linear {
+                weight: Param::from_tensor(matrix(src, &format!("{name}.weight"), out, inp)?),
+                bias,
+            })
+        };
+        let embed = Tensor::<B, 2>::from_data(
+            src.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?,
+            device,
+        );
+        let norm_of = |gamma: Param<Tensor<B, 1>>| {
+            let mut n: RmsNorm<B> = RmsNormConfig::new(h).with_epsilon(c.rms_norm_eps).init(device);
+            n.gamma = gamma;
+            n
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for (i, ((n1, n2), (qb, kb, vb))) in norms.into_iter().zip(biases).enumerate() {
+            let p = format!("model.layers.{i}");
+            let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+            layers.push(DecoderLayer {
+                self_attn: Attention {
+                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), q_out, h, Some(qb))?,
+                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), kv_out, h, Some(kb))?,
+                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), kv_out, h, Some(vb))?,
+                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), h, q_out, None)?,
+                    n_heads: c.num_attention_heads,
+                    n_kv_heads: c.num_key_value_heads,
+                    head_dim: hd,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, None)?,
+                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, None)?,
+                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, None)?,
+                },
+                input_layernorm: norm_of(n1),
+                post_attention_layernorm: norm_of(n2),
+            });
+        }
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(src, "lm_head", c.vocab_size, h, None)?)
+        };
+        Ok(Self {
+            embed_tokens: Param::from_tensor(embed),
+            layers,
+            norm: norm_of(final_norm),
+            lm_head,
+            rope_theta: c.rope_theta,
+            head_dim: hd,
+        })
+    }
+
+    /// A model with random weights (normal, std 0.02; norms near 1; small biases), for
+    /// benchmarks and tests. Deterministic for a given `seed`.
+    pub fn init_random(config: &Qwen2Config, seed: u64, device: &B::Device) -> Self {
+        Self::build(config, &mut RandomSource::new(seed), device).expect("random source never fails")
+    }
+
+    /// Final hidden states `[b, t, hidden]` (after the last RMSNorm) for `tokens: [b, t]` at
+    /// `positions: [b, t]`. `valid: [b, t]` is false at padding. Without a cache the call sees only
+    /// these tokens; with one, it attends to everything cached before them and appends to it.
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        valid: Tensor<B, 2, Bool>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, t] = tokens.dims();
+        let device = tokens.device();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let key_valid = match cache.as_mut() {
+            Some(c) => c.push_valid(valid),
+            None => valid,
+        };
+        let rep = self.layers.first().map_or(1, |l| l.self_attn.n_heads / l.self_attn.n_kv_heads);
+        let mask = attention_mask(key_valid, past, t, rep, &device);
+        let rope = rope_tables(positions, self.head_dim, self.rope_theta);
+        let hidden = self.embed_tokens.dims()[1];
+        let mut x = self
+            .embed_tokens
+            .val()
+            .select(0, tokens.reshape([b * t]))
+            .reshape([b, t, hidden]);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(x, &rope, &mask, layer_cache);
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Vocabulary logits `[b, t, vocab]` from hidden states.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, h] = hidden.dims();
+                let w = self.embed_tokens.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+            }
+        }
+    }
+
+    /// `log p(targets[b, j] | ·)` from hidden states `[b, t, hidden]`, computed `chunk` positions
+    /// at a time so the full `[b, t, vocab]` logits never exist at once:
+    /// `log p = z_target − (m + log Σ exp(z − m))`, `m = max z`, in f32.
+    pub fn token_logprobs(
+        &self,
+        hidden: Tensor<B, 3>,
+        targets: Tensor<B, 2, Int>,
+        chunk: usize,
+    ) -> Tensor<B, 2> {
+        let [b, t, h] = hidden.dims();
+        let chunk = chunk.max(1);
+        let mut parts = Vec::with_capacity(t.div_ceil(chunk));
+        let mut start = 0;
+        while start < t {
+            let end = (start + chunk).min(t);
+            let z = self
+                .logits(hidden.clone().slice([0..b, start..end, 0..h]))
+                .cast(DType::F32);
+            let tgt = targets.clone().slice([0..b, start..end]).unsqueeze_dim::<3>(2);
+            parts.push(log_softmax_gather(z, tgt));
+            start = end;
+        }
+        Tensor::cat(parts, 1)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// `z[.., target] − logsumexp(z)` over the last axis; `z: [b, t, v]`, `target: [b, t, 1]` → `[b, t]`.
+pub fn log_softmax_gather<B: Backend>(z: Tensor<B, 3>, target: Tensor<B, 3, Int>) -> Tensor<B, 2> {
+    let m = z.clone().max_dim(2).detach();
+    let lse = (z.clone() - m.clone()).exp().sum_dim(2).log() + m;
+    (z.gather(2, target) - lse).squeeze_dim::<2>(2)
+}
+
+/// Boolean mask `[b, 1, rep·t, past + t]`, true where attention is forbidden: key `j` is masked for
+/// query `i` (absolute index `past + i`) when `j > past + i` (causal) or key `j` is padding. The
+/// `t` query rows are tiled `rep` times to match the grouped-query layout.
+fn attention_mask<B: Backend>(
+    key_valid: Tensor<B, 2, Bool>,
+    past: usize,
+    t: usize,
+    rep: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let [b, s] = key_valid.dims();
+    let q = Tensor::<B, 1, Int>::arange(past as i64..(past + t) as i64, device).reshape([t, 1]);
+    let k = Tensor::<B, 1, Int>::arange(0..s as i64, device).reshape([1, s]);
+    let causal = k.greater(q).reshape([1, 1, t, s]).expand([b, 1, t, s]);
+    let pad = key_valid.bool_not().reshape([b, 1, 1, s]).expand([b, 1, t, s]);
+    causal.bool_or(pad).repeat_dim(2, rep)
+}
+
+/// Draws weights for [`Qwen2::init_random`] from a small xorshift generator (no global RNG).
+struct RandomSource {
+    state: u64,
+}
+
+impl RandomSource {
+    fn new(seed: u64) -> Self {
+        Self {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+
+    fn uniform(&mut self) -> f32 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        ((self.state >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    }
+
+    /// Approximately normal with std `std` (sum of four uniforms, variance-matched).
+    fn normal(&mut self, std: f32) -> f32 {
+        let s: f32 = (0..4).map(|_| self.uniform()).sum::<f32>() - 2.0;
+        s * std * (3.0f32).sqrt()
+    }
+}
+
+impl TensorSource for RandomSource {
+    fn tensor(&mut self, name: &str, hf_shape: &[usize]) -> crate::Result<TensorData> {
+        let n: usize = hf_shape.iter().product();
+        let values: Vec<f32> = if name.ends_with("norm.weight") {
+            (0..n).map(|_| 1.0 + self.normal(0.1)).collect()
+        } else if name.ends_with(".bias") {
+            (0..n).map(|_| self.normal(0.02)).collect()
+        } else {
+            (0..n).map(|_| self.normal(0.02)).collect()
+        };
+        Ok(TensorData::new(values, hf_shape.to_vec()))
+    }
+}
