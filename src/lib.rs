@@ -1,1 +1,9 @@
-pub fn y(){}
+//! med-rlvr: reinforcement learning from verifiable rewards for medical multiple-choice QA, on a
+//! Qwen2 model written in Burn (the `qwen2-burn` crate in `model/`).
+
+pub mod bench;
+pub mod cli;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use qwen2_burn as model;

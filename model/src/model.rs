@@ -155,8 +155,9 @@ impl<B: Backend> Qwen2<B> {
         let final_norm = vector("model.norm.weight".into(), h)?;
         let matrix = |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize| {
             let data = src.tensor(name, &[out, inp])?;
-            // HF stores [out, in]; Burn multiplies x·W with W [in, out].
-            Ok::<_, crate::ModelError>(Tensor::<B, 2>::from_data(data, device).transpose())
+            // HF stores [out, in]; we multiply x·W with W [in, out]. Transposed here on the host so
+            // the stored tensor is contiguous (a transposed view would be copied by every matmul).
+            Ok::<_, crate::ModelError>(Tensor::<B, 2>::from_data(transpose_2d(data), device))
         };
         let linear = |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize, bias| {
             Ok::<_, crate::ModelError>(Linear {
@@ -258,10 +259,14 @@ impl<B: Backend> Qwen2<B> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
+                // (E·hᵀ)ᵀ: the [vocab, hidden] embedding is used in its stored layout, so it is
+                // never copied; only the small [hidden, b·t] activations are transposed.
                 let [b, t, h] = hidden.dims();
                 let w = self.embed_tokens.val();
                 let v = w.dims()[0];
-                hidden.reshape([b * t, h]).matmul(w.transpose()).reshape([b, t, v])
+                w.matmul(hidden.reshape([b * t, h]).transpose())
+                    .transpose()
+                    .reshape([b, t, v])
             }
         }
     }
@@ -319,6 +324,19 @@ fn attention_mask<B: Backend>(
     let causal = k.greater(q).reshape([1, 1, t, s]).expand([b, 1, t, s]);
     let pad = key_valid.bool_not().reshape([b, 1, 1, s]).expand([b, 1, t, s]);
     causal.bool_or(pad).repeat_dim(2, rep)
+}
+
+/// Transposes a 2-D `[r, c]` tensor's data to `[c, r]` on the host.
+fn transpose_2d(data: TensorData) -> TensorData {
+    let (r, c) = (data.shape[0], data.shape[1]);
+    let src: Vec<f32> = data.iter::<f32>().collect();
+    let mut dst = vec![0.0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            dst[j * r + i] = src[i * c + j];
+        }
+    }
+    TensorData::new(dst, [c, r])
 }
 
 /// Draws weights for [`Qwen2::init_random`] from a small xorshift generator (no global RNG).

@@ -1,0 +1,141 @@
+//! `med-rlvr bench`: prefill and decode throughput of a model geometry with random weights, and
+//! the rollout throughput of the sampler. `benches/torch_reference.py` measures transformers on
+//! the same geometry and prints the same JSON, so the two can be compared side by side.
+
+use std::time::Instant;
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use qwen2_burn::{KvCache, Qwen2, Qwen2Config};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::sampler::{self, NoDetokenizer, SamplingParams};
+
+#[derive(Debug, Serialize)]
+pub struct KernelBench {
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    /// Weight bytes read per decode step × steps per second (batch-1 decode is bound by this).
+    pub decode_weight_bytes_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RolloutBench {
+    pub prompts: usize,
+    pub n: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub generated_tokens: usize,
+    pub seconds: f64,
+    pub generated_tok_s: f64,
+}
+
+fn random_prompts(count: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|_| (0..len).map(|_| rng.random_range(0..vocab as u32)).collect())
+        .collect()
+}
+
+fn sync<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
+}
+
+/// Prefill `batch × prompt_len` tokens, then `new_tokens` single-token decode steps through the
+/// KV cache (greedy; logits of every step are brought to the host, as the sampler does).
+pub fn kernels<B: Backend>(
+    config: &Qwen2Config,
+    model: &Qwen2<B>,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    device: &B::Device,
+) -> KernelBench {
+    let prompts = random_prompts(batch, prompt_len, config.vocab_size, 7);
+    let toks: Vec<i64> = prompts.concat().iter().map(|&t| t as i64).collect();
+    let pos: Vec<i64> = (0..batch).flat_map(|_| 0..prompt_len as i64).collect();
+    let run = |cache: &mut KvCache<B>| {
+        let t0 = Instant::now();
+        let h = model.hidden(
+            Tensor::<B, 2, Int>::from_data(TensorData::new(toks.clone(), [batch, prompt_len]), device),
+            Tensor::<B, 2, Int>::from_data(TensorData::new(pos.clone(), [batch, prompt_len]), device),
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![true; batch * prompt_len], [batch, prompt_len]), device),
+            Some(cache),
+        );
+        let hd = h.dims()[2];
+        let logits = sync(model.logits(h.slice([0..batch, prompt_len - 1..prompt_len, 0..hd])));
+        (t0.elapsed().as_secs_f64(), logits)
+    };
+    // Warm-up (allocations, autotune on GPU backends).
+    let mut warm = KvCache::<B>::new(config, batch, prompt_len + 2, device);
+    let _ = run(&mut warm);
+    let mut cache = KvCache::<B>::new(config, batch, prompt_len + new_tokens, device);
+    let (prefill_s, mut logits) = run(&mut cache);
+    let vocab = config.vocab_size;
+    let t0 = Instant::now();
+    for step in 0..new_tokens {
+        let next: Vec<i64> = (0..batch)
+            .map(|r| {
+                let z = &logits[r * vocab..(r + 1) * vocab];
+                z.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |x| x.0) as i64
+            })
+            .collect();
+        let p = vec![(prompt_len + step) as i64; batch];
+        let h = model.hidden(
+            Tensor::<B, 2, Int>::from_data(TensorData::new(next, [batch, 1]), device),
+            Tensor::<B, 2, Int>::from_data(TensorData::new(p, [batch, 1]), device),
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![true; batch], [batch, 1]), device),
+            Some(&mut cache),
+        );
+        logits = sync(model.logits(h));
+    }
+    let decode_s = t0.elapsed().as_secs_f64();
+    let steps_per_s = new_tokens as f64 / decode_s;
+    let weight_bytes = config.num_parameters() as f64 * 4.0;
+    KernelBench {
+        batch,
+        prompt_len,
+        new_tokens,
+        prefill_tok_s: (batch * prompt_len) as f64 / prefill_s,
+        decode_tok_s: (batch * new_tokens) as f64 / decode_s,
+        decode_weight_bytes_per_s: weight_bytes * steps_per_s,
+    }
+}
+
+/// `prompts × n` samples of exactly `new_tokens` tokens each (no stop tokens, temperature 1)
+/// through the sampler.
+pub fn rollout<B: Backend>(
+    config: &Qwen2Config,
+    model: &Qwen2<B>,
+    prompts: usize,
+    n: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    device: &B::Device,
+) -> RolloutBench {
+    let ps = random_prompts(prompts, prompt_len, config.vocab_size, 11);
+    let params = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: new_tokens,
+        n,
+        seed: 1,
+        ..Default::default()
+    };
+    let _ = sampler::generate(model, config, &ps[..1], &SamplingParams { max_new_tokens: 2, n: 1, ..params.clone() }, &NoDetokenizer, device);
+    let t0 = Instant::now();
+    let samples = sampler::generate(model, config, &ps, &params, &NoDetokenizer, device);
+    let seconds = t0.elapsed().as_secs_f64();
+    let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
+    RolloutBench {
+        prompts,
+        n,
+        prompt_len,
+        new_tokens,
+        generated_tokens: generated,
+        seconds,
+        generated_tok_s: generated as f64 / seconds,
+    }
+}
