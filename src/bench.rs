@@ -139,3 +139,50 @@ pub fn rollout<B: Backend>(
         generated_tok_s: generated as f64 / seconds,
     }
 }
+
+#[derive(Debug, Serialize)]
+pub struct VerifierBench {
+    pub replies: usize,
+    pub seconds: f64,
+    pub replies_per_s: f64,
+    /// Count of rewards −1, 0, +1 (anything else would be a bug).
+    pub reward_counts: [usize; 3],
+    pub other_rewards: usize,
+}
+
+/// Scores `count` seeded random replies — tag soup mixed with letters, answer phrases and
+/// arbitrary Unicode — and checks every reward is −1, 0 or +1.
+pub fn verifier(count: usize, seed: u64) -> VerifierBench {
+    use crate::verifier::{verify, VerifierConfig};
+    const PIECES: &[&str] = &[
+        "<think>", "</think>", "<answer>", "</answer>", "The answer is ", "(", ")", " ", "\n", "C", "b", "J",
+        "Step 1: ", "é", "日本", "🙂", "\u{0}", ".", ":", "option ",
+    ];
+    let mut rng = StdRng::seed_from_u64(seed);
+    let cfgs = [VerifierConfig::default(), VerifierConfig { strict: true, ..Default::default() }];
+    let mut counts = [0usize; 3];
+    let mut other = 0;
+    let mut reply = String::new();
+    let t0 = Instant::now();
+    for i in 0..count {
+        reply.clear();
+        for _ in 0..rng.random_range(0..24) {
+            if rng.random_bool(0.15) {
+                reply.push(char::from_u32(rng.random_range(0..0x2FFFF)).unwrap_or('?'));
+            } else {
+                reply.push_str(PIECES[rng.random_range(0..PIECES.len())]);
+            }
+        }
+        let n = rng.random_range(1..=10);
+        let gold = (b'A' + rng.random_range(0..n as u8)) as char;
+        let v = verify(&reply, gold, n, Some("Cholesterol embolization"), &cfgs[i % 2]);
+        match v.reward {
+            r if r == -1.0 => counts[0] += 1,
+            r if r == 0.0 => counts[1] += 1,
+            r if r == 1.0 => counts[2] += 1,
+            _ => other += 1,
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    VerifierBench { replies: count, seconds, replies_per_s: count as f64 / seconds, reward_counts: counts, other_rewards: other }
+}

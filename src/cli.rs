@@ -29,6 +29,31 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Throughput of a geometry with random weights (prefill/decode, or a rollout).
     Bench(BenchArgs),
+    /// Score replies with the verifier: reward, format, extracted letter, stage, diagnostics.
+    Score(ScoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// jsonl with `response`, `answer` (gold letter), optional `num_options` (default 10, A–J) and
+    /// `gold_text`.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Start-anchored, one bare in-range letter.
+    #[arg(long)]
+    pub strict: bool,
+    /// Write scored lines here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A model folder whose tokenizer counts think tokens (optional).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Subtract this when the first sentence of think states the answer (off: 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub answer_leak_penalty: f32,
+    /// Subtract this when more than 15 words precede `<think>` (off: 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub preamble_penalty: f32,
 }
 
 #[derive(Args, Debug)]
@@ -88,8 +113,11 @@ pub struct GenerateArgs {
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// A config.json giving the geometry (e.g. assets/configs/qwen2.5-0.5b.json).
+    #[arg(long, required_unless_present = "verifier")]
+    pub config: Option<PathBuf>,
+    /// Verifier mode: score this many seeded random replies and count the rewards.
     #[arg(long)]
-    pub config: PathBuf,
+    pub verifier: Option<usize>,
     /// Use random weights (the only mode: benches measure kernels, not checkpoints).
     #[arg(long, default_value_t = true)]
     pub random_weights: bool,
@@ -115,6 +143,7 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Logprobs(a) => logprobs::<B::InnerBackend>(a, &device),
         Command::Generate(a) => generate::<B::InnerBackend>(a, &device),
         Command::Bench(a) => bench::<B::InnerBackend>(a, &device),
+        Command::Score(a) => score(a),
     }
 }
 
@@ -251,7 +280,11 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
 }
 
 fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
-    let config = Qwen2Config::from_file(&a.config)?;
+    if let Some(count) = a.verifier {
+        println!("{}", serde_json::to_string(&crate::bench::verifier(count, 0))?);
+        return Ok(());
+    }
+    let config = Qwen2Config::from_file(a.config.as_deref().context("--config is required")?)?;
     let model = Qwen2::<B>::init_random(&config, 0, device);
     let line = if a.rollout {
         serde_json::to_value(crate::bench::rollout(&config, &model, a.batch, a.n, a.prompt_len, a.new_tokens, device))?
@@ -263,5 +296,68 @@ fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
     } else {
         println!("{}", serde_json::to_string_pretty(&line)?);
     }
+    Ok(())
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    use crate::verifier::{self, Summary, VerifierConfig};
+    let cfg = VerifierConfig {
+        strict: a.strict,
+        answer_leak_penalty: a.answer_leak_penalty,
+        preamble_penalty: a.preamble_penalty,
+        ..Default::default()
+    };
+    let tok = a.tokenizer.as_deref().map(Tokenizer::from_dir).transpose()?;
+    let path = &a.input;
+    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut out: Box<dyn Write> = match &a.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let mut verdicts = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let line = line.with_context(|| format!("{}: cannot read", at()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("{}: invalid JSON", at()))?;
+        let response = v.get("response").and_then(|x| x.as_str()).with_context(|| format!("{}: no string key `response`", at()))?;
+        let gold = v.get("answer").and_then(|x| x.as_str()).with_context(|| format!("{}: no string key `answer`", at()))?;
+        let gold = match gold.trim().chars().collect::<Vec<_>>()[..] {
+            [c] if c.is_ascii_alphabetic() => c.to_ascii_uppercase(),
+            _ => bail!("{}: `answer` must be one letter, got {gold:?}", at()),
+        };
+        let n = match v.get("num_options") {
+            None | Some(serde_json::Value::Null) => 10,
+            Some(x) => x.as_u64().filter(|&n| (1..=26).contains(&n)).with_context(|| format!("{}: `num_options` must be 1..=26", at()))? as usize,
+        };
+        let gold_text = v.get("gold_text").and_then(|x| x.as_str()).map(str::to_string);
+        let mut verdict = verifier::verify(response, gold, n, gold_text.as_deref(), &cfg);
+        if let (Some(t), Some(think)) = (&tok, verifier::think_text(response)) {
+            verdict.diagnostics.think_tokens = Some(t.encode(think)?.len());
+        }
+        let obj = v.as_object_mut().expect("checked object");
+        obj.insert("reward".into(), json!(verdict.reward));
+        obj.insert("format_ok".into(), json!(verdict.format_ok));
+        obj.insert("extracted".into(), json!(verdict.extracted.map(String::from)));
+        obj.insert("correct".into(), json!(verdict.correct));
+        obj.insert("stage".into(), json!(verdict.stage));
+        if let serde_json::Value::Object(d) = serde_json::to_value(&verdict.diagnostics)? {
+            obj.extend(d);
+        }
+        writeln!(out, "{v}")?;
+        verdicts.push(verdict);
+    }
+    out.flush()?;
+    let s = Summary::from_verdicts(&verdicts);
+    eprintln!(
+        "scored {}: mean reward {:.4}, format rate {:.4}, accuracy {:.4}",
+        s.count, s.reward_mean, s.format_rate, s.accuracy
+    );
+    eprintln!("stages: {}", serde_json::to_string(&s.stages)?);
     Ok(())
 }

@@ -7,3 +7,7 @@ pub mod sampler;
 pub mod tokenizer;
 
 pub use qwen2_burn as model;
+pub mod parquet_rows;
+pub mod prompt;
+pub mod task;
+pub mod verifier;
