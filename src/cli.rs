@@ -256,7 +256,7 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
     let mut out = stdout.lock();
     for (chunk_index, chunk) in encoded.chunks(a.batch_size.max(1)).enumerate() {
         let base = chunk_index * a.batch_size.max(1);
-        for s in sampler::generate(&model, &config, chunk, &params, &tok, device) {
+        for s in sampler::generate_from(&model, &config, chunk, base, &params, &tok, device) {
             let prompt_ids = &chunk[s.prompt_index];
             let text = tok.decode(&s.output_ids);
             if a.json {

@@ -177,11 +177,26 @@ struct Row {
 }
 
 /// Generates `params.n` continuations for each prompt, batched. Samples are returned ordered by
-/// (prompt, sample). `pad_id` fills the left padding (it is masked, any id works).
+/// (prompt, sample).
 pub fn generate<B: Backend>(
     model: &Qwen2<B>,
     config: &Qwen2Config,
     prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    detok: &dyn Detokenize,
+    device: &B::Device,
+) -> Vec<Sample> {
+    generate_from(model, config, prompts, 0, params, detok, device)
+}
+
+/// [`generate`] for a slice of a larger prompt list starting at `first_index`: prompt `i` of the
+/// slice draws from the RNG of global prompt `first_index + i`, so samples do not depend on how a
+/// prompt list is cut into batches. `prompt_index` in the output is local to the slice.
+pub fn generate_from<B: Backend>(
+    model: &Qwen2<B>,
+    config: &Qwen2Config,
+    prompts: &[Vec<u32>],
+    first_index: usize,
     params: &SamplingParams,
     detok: &dyn Detokenize,
     device: &B::Device,
@@ -192,7 +207,7 @@ pub fn generate<B: Backend>(
         assert!(!prompt.is_empty(), "prompt {p} is empty");
         for s in 0..params.n.max(1) {
             rows.push(Row {
-                rng: row_rng(params.seed, p, s),
+                rng: row_rng(params.seed, first_index + p, s),
                 next_position: prompt.len() as i64,
                 out: Sample {
                     prompt_index: p,
