@@ -11,3 +11,5 @@ pub mod parquet_rows;
 pub mod prompt;
 pub mod task;
 pub mod verifier;
+pub mod advantages;
+pub mod loss;

@@ -1,0 +1,91 @@
+//! The PPO losses on Burn tensors (so their gradients come from autodiff). All inputs are
+//! `[batch, len]` with a right-padded action mask `m` (1 = response token).
+
+use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// How per-token losses become one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregation {
+    /// Mean over the valid tokens of each sequence, then mean over sequences (OpenRLHF v0.5.9).
+    SeqMeanTokenMean,
+    /// Mean over all valid tokens of the batch (current frameworks).
+    TokenMean,
+}
+
+/// `agg(x, m)`: `mean_i (Σ_t x·m / Σ_t m)` or `Σ x·m / Σ m` (empty rows count as zero).
+pub fn aggregate<B: Backend>(x: Tensor<B, 2>, mask: Tensor<B, 2>, agg: Aggregation) -> Tensor<B, 1> {
+    let xm = x * mask.clone();
+    match agg {
+        Aggregation::SeqMeanTokenMean => {
+            let per_row = xm.sum_dim(1) / mask.sum_dim(1).clamp_min(1.0);
+            per_row.mean().reshape([1])
+        }
+        Aggregation::TokenMean => (xm.sum() / mask.sum().clamp_min(1.0)).reshape([1]),
+    }
+}
+
+/// Clipped surrogate: `ρ = exp(log π − log π_old)` (log-ratio clamped to ±`max_log_ratio` before the
+/// exp), per token `−min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)`, aggregated. Returns the loss and the
+/// clip fraction (share of valid tokens where the clipped branch was taken).
+pub fn policy_loss<B: Backend>(
+    logp: Tensor<B, 2>,
+    old_logp: Tensor<B, 2>,
+    advantages: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    eps_low: f64,
+    eps_high: f64,
+    agg: Aggregation,
+) -> (Tensor<B, 1>, f64) {
+    let log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO);
+    let ratio = log_ratio.exp();
+    let surr1 = ratio.clone() * advantages.clone();
+    let surr2 = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages;
+    let clipped = surr2.clone().lower(surr1.clone()).float() * mask.clone();
+    let clip_frac = (clipped.sum().into_scalar_f64()) / mask.clone().sum().into_scalar_f64().max(1.0);
+    let loss = surr1.min_pair(surr2).neg();
+    (aggregate(loss, mask, agg), clip_frac)
+}
+
+/// `log π − log π_old` is clamped to this before `exp` so a stale sample cannot overflow.
+pub const MAX_LOG_RATIO: f64 = 20.0;
+
+/// Clipped value loss: `½·agg(max((V_clip − G)², (V − G)²))`, `V_clip = V_old + clip(V − V_old, ±c)`;
+/// without `clip`, `½·agg((V − G)²)`.
+pub fn value_loss<B: Backend>(
+    values: Tensor<B, 2>,
+    old_values: Tensor<B, 2>,
+    returns: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    clip: Option<f64>,
+    agg: Aggregation,
+) -> Tensor<B, 1> {
+    let plain = (values.clone() - returns.clone()).powi_scalar(2);
+    let per_token = match clip {
+        Some(c) => {
+            let clipped = old_values.clone() + (values - old_values).clamp(-c, c);
+            (clipped - returns).powi_scalar(2).max_pair(plain)
+        }
+        None => plain,
+    };
+    aggregate(per_token, mask, agg).mul_scalar(0.5)
+}
+
+/// The k3 KL *loss* (GRPO style): `agg(exp(log π_ref − log π) − 1 − (log π_ref − log π))`, with
+/// gradients flowing into `log π`.
+pub fn kl_loss<B: Backend>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, mask: Tensor<B, 2>, agg: Aggregation) -> Tensor<B, 1> {
+    let d = (ref_logp - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO);
+    let k3 = d.clone().exp() - 1.0 - d;
+    aggregate(k3, mask, agg)
+}
+
+trait ScalarF64 {
+    fn into_scalar_f64(self) -> f64;
+}
+
+impl<B: Backend> ScalarF64 for Tensor<B, 1> {
+    fn into_scalar_f64(self) -> f64 {
+        self.into_data().iter::<f64>().next().unwrap_or(0.0)
+    }
+}
