@@ -31,6 +31,43 @@ pub enum Command {
     Bench(BenchArgs),
     /// Score replies with the verifier: reward, format, extracted letter, stage, diagnostics.
     Score(ScoreArgs),
+    /// RL training (PPO or a critic-free estimator). No arguments: the embedded demo.
+    Train(TrainArgs),
+    /// Rebuild the demo task and tiny model shipped in assets/demo (see src/demo.rs).
+    DemoAssets(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A TOML config (assets/presets/*.toml); default: the embedded demo preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides `model.path`.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Overrides `data.train`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Run folder (default: runs/train-<unix time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// `key=value` override with a dotted key, e.g. `--set ppo.estimator=\"grpo\"` or `--set rollout.n=4`; repeatable.
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "assets/demo")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Warm-start SFT epochs.
+    #[arg(long, default_value_t = 8)]
+    pub sft_epochs: usize,
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +181,8 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Generate(a) => generate::<B::InnerBackend>(a, &device),
         Command::Bench(a) => bench::<B::InnerBackend>(a, &device),
         Command::Score(a) => score(a),
+        Command::Train(a) => train::<B>(a, device),
+        Command::DemoAssets(a) => crate::demo::build::<B>(&a.out, a.seed, a.sft_epochs, &device),
     }
 }
 
@@ -359,5 +398,25 @@ fn score(a: ScoreArgs) -> Result<()> {
         s.count, s.reward_mean, s.format_rate, s.accuracy
     );
     eprintln!("stages: {}", serde_json::to_string(&s.stages)?);
+    Ok(())
+}
+
+fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
+    let mut cfg = crate::config::TrainConfig::load(a.config.as_deref(), &a.set)?;
+    if let Some(m) = a.model {
+        cfg.model.path = m;
+    }
+    if let Some(d) = a.data {
+        cfg.data.train = d;
+    }
+    let out = a.out.unwrap_or_else(crate::trainer::default_out_dir);
+    eprintln!("run folder: {}", out.display());
+    let metrics = crate::trainer::run::<B>(cfg, &out, device, a.quiet)?;
+    let first = metrics.first().and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
+    let last = metrics.last().and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
+    if let (Some((a0, f0)), Some((a1, f1))) = (first, last) {
+        eprintln!("held-out accuracy {a0:.3} -> {a1:.3}, format rate {f0:.3} -> {f1:.3}");
+    }
+    eprintln!("metrics: {}, final model: {}", out.join("metrics.jsonl").display(), out.join("final").display());
     Ok(())
 }

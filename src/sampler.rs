@@ -66,6 +66,8 @@ pub struct Sample {
     pub logprobs: Vec<f32>,
     /// `log q(token_j | ·)` under the distribution actually sampled from (0 for greedy).
     pub sampling_logprobs: Vec<f32>,
+    /// Entropy `−Σ π log π` of the temperature-1 distribution at each step (nats).
+    pub entropies: Vec<f32>,
     pub finish_reason: FinishReason,
 }
 
@@ -215,6 +217,7 @@ pub fn generate_from<B: Backend>(
                     output_ids: vec![],
                     logprobs: vec![],
                     sampling_logprobs: vec![],
+                    entropies: vec![],
                     finish_reason: FinishReason::Length,
                 },
             });
@@ -261,9 +264,11 @@ pub fn generate_from<B: Backend>(
             } else {
                 draw(&dist, &mut row.rng)
             };
-            let lp = log_softmax(z)[tok as usize];
+            let lsm = log_softmax(z);
+            let entropy = -lsm.iter().map(|&l| (l as f64).exp() * l as f64).sum::<f64>();
             row.out.output_ids.push(tok);
-            row.out.logprobs.push(lp);
+            row.out.logprobs.push(lsm[tok as usize]);
+            row.out.entropies.push(entropy as f32);
             row.out.sampling_logprobs.push(q.ln() as f32);
             let n_out = row.out.output_ids.len();
             let finish = if params.stop_token_ids.contains(&tok) {

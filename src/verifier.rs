@@ -401,3 +401,19 @@ impl Summary {
         s
     }
 }
+
+/// Scores a direct-answer reply (baselines, SFT): the first letter found by the answer-block rules
+/// in the reply's first line; no tags required (`format_ok` is true when a letter was found).
+pub fn verify_direct(reply: &str, gold: char, num_options: usize) -> Verdict {
+    let first_line = reply.trim_start().lines().next().unwrap_or("");
+    let extracted = extract_letter(first_line, num_options);
+    let correct = extracted == Some(gold.to_ascii_uppercase());
+    Verdict {
+        reward: if correct { 1.0 } else { 0.0 },
+        format_ok: extracted.is_some(),
+        extracted,
+        correct,
+        stage: if extracted.is_some() { Stage::ConciseStructurer } else { Stage::FormatFailure },
+        diagnostics: Diagnostics::default(),
+    }
+}

@@ -1,0 +1,297 @@
+//! The training configuration: a TOML file (every key optional, defaults below) plus `--set
+//! key=value` overrides with dotted keys (`--set ppo.kl_coef=0.05`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::advantages::{Estimator, KlEstimator};
+use crate::loss::Aggregation;
+use crate::prompt::PromptStyle;
+use crate::task::DataFormat;
+use crate::verifier::VerifierConfig;
+
+/// The embedded default: the demo model and task in `assets/demo`, learning in minutes on a CPU.
+pub const DEMO_PRESET: &str = include_str!("../assets/presets/demo.toml");
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub rollout: RolloutConfig,
+    pub ppo: PpoConfig,
+    pub optim: OptimConfig,
+    pub train: LoopConfig,
+    pub verifier: VerifierConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face Qwen2 folder. Relative paths resolve against the config file's folder.
+    pub path: PathBuf,
+    /// Compute per-token log-probs this many positions at a time (bounds the logits' memory).
+    pub logprob_chunk: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub train: PathBuf,
+    /// Held-out set for greedy evaluation during training (optional).
+    pub eval: Option<PathBuf>,
+    pub format: DataFormat,
+    pub category: Option<String>,
+    pub none_of_the_above: bool,
+    pub skip_invalid: bool,
+    pub prompt: PromptStyle,
+    /// At most this many eval items (0 = all).
+    pub eval_limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Prompts per PPO step (rollout batch).
+    pub prompts_per_step: usize,
+    /// Samples per prompt.
+    pub n: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    /// Stop strings (kept in the reply); `<|endoftext|>` always stops.
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PpoConfig {
+    pub estimator: Estimator,
+    pub ppo_epochs: usize,
+    /// Samples per optimizer step.
+    pub train_batch: usize,
+    /// Samples per forward/backward (gradient accumulation inside a train batch).
+    pub micro_batch: usize,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    /// Value clip `c` (none: unclipped value loss).
+    pub value_clip: Option<f64>,
+    pub gamma: f64,
+    pub lambda: f64,
+    pub kl_estimator: KlEstimator,
+    /// β: initial KL coefficient.
+    pub kl_coef: f64,
+    /// Adaptive KL controller (Ziegler et al.): target KL; none = fixed β.
+    pub kl_target: Option<f64>,
+    pub kl_horizon: f64,
+    /// GRPO style: k3 KL as a loss term (weight β) instead of KL-shaped rewards.
+    pub use_kl_loss: bool,
+    pub loss_agg: Aggregation,
+    /// PPO steps at the start during which only the critic trains.
+    pub critic_warmup: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub actor_lr: f64,
+    pub critic_lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    pub warmup_ratio: f64,
+    /// Cosine floor as a fraction of the peak learning rate.
+    pub min_lr_ratio: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoopConfig {
+    /// PPO steps (rollout + update). 0: `epochs` passes over the training set.
+    pub steps: usize,
+    pub epochs: usize,
+    /// Greedy evaluation on the eval set every this many steps (and at the start and end); 0 = off.
+    pub eval_every: usize,
+    /// Decoded rollouts written to samples.jsonl per step.
+    pub samples_per_step: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { path: PathBuf::new(), logprob_chunk: 64 }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            eval: None,
+            format: DataFormat::Auto,
+            category: None,
+            none_of_the_above: false,
+            skip_invalid: false,
+            prompt: PromptStyle::R1,
+            eval_limit: 0,
+        }
+    }
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            prompts_per_step: 1024,
+            n: 1,
+            max_new_tokens: 1024,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            stop: vec!["</answer>".into()],
+        }
+    }
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self {
+            estimator: Estimator::Gae,
+            ppo_epochs: 1,
+            train_batch: 128,
+            micro_batch: 8,
+            eps_low: 0.2,
+            eps_high: 0.2,
+            value_clip: Some(0.2),
+            gamma: 1.0,
+            lambda: 1.0,
+            kl_estimator: KlEstimator::K1,
+            kl_coef: 0.01,
+            kl_target: None,
+            kl_horizon: 10000.0,
+            use_kl_loss: false,
+            loss_agg: Aggregation::SeqMeanTokenMean,
+            critic_warmup: 0,
+        }
+    }
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            actor_lr: 5e-7,
+            critic_lr: 9e-6,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            warmup_ratio: 0.03,
+            min_lr_ratio: 0.1,
+        }
+    }
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self { steps: 0, epochs: 1, eval_every: 0, samples_per_step: 4 }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            rollout: RolloutConfig::default(),
+            ppo: PpoConfig::default(),
+            optim: OptimConfig::default(),
+            train: LoopConfig::default(),
+            verifier: VerifierConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Parses TOML text, applies `key=value` overrides, and resolves relative paths against `base`.
+    pub fn from_toml(text: &str, origin: &str, overrides: &[String], base: &Path) -> Result<Self> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{origin}: invalid TOML: {e}"))?;
+        for o in overrides {
+            let (key, raw) = o.split_once('=').ok_or_else(|| anyhow!("--set {o}: expected key=value"))?;
+            set_dotted(&mut value, key.trim(), parse_literal(raw.trim()))
+                .with_context(|| format!("--set {o}"))?;
+        }
+        let mut cfg: TrainConfig = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
+        let resolve = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut cfg.model.path);
+        resolve(&mut cfg.data.train);
+        if let Some(e) = cfg.data.eval.as_mut() {
+            resolve(e);
+        }
+        cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
+        Ok(cfg)
+    }
+
+    /// Reads a TOML file (or the embedded demo preset when `path` is none).
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+                Self::from_toml(&text, &p.display().to_string(), overrides, &base)
+            }
+            None => Self::from_toml(DEMO_PRESET, "embedded demo preset", overrides, &crate::demo::assets_dir()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let p = &self.ppo;
+        if self.rollout.prompts_per_step == 0 || self.rollout.n == 0 {
+            return Err("rollout.prompts_per_step and rollout.n must be positive".into());
+        }
+        if p.train_batch == 0 || p.micro_batch == 0 || p.ppo_epochs == 0 {
+            return Err("ppo.train_batch, ppo.micro_batch and ppo.ppo_epochs must be positive".into());
+        }
+        if !(self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0) {
+            return Err(format!("rollout.top_p must be in (0, 1], got {}", self.rollout.top_p));
+        }
+        if p.estimator != Estimator::Gae && self.rollout.n < 2 && matches!(p.estimator, Estimator::Grpo | Estimator::DrGrpo | Estimator::Rloo | Estimator::ReinforcePpBaseline) {
+            return Err(format!("ppo.estimator {:?} needs rollout.n >= 2 samples per prompt", p.estimator));
+        }
+        Ok(())
+    }
+}
+
+fn parse_literal(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("empty key"))?;
+    let mut t = table;
+    for p in parts {
+        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        t = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("`{p}` is not a table"),
+        };
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Turning (prompt, response) pairs into model inputs, and reading per-response-token log-probs and
+//! values back out. Layout of a batch row: `[left-padded prompt (width P) | response, right-padded
+//! (width R)]`; the hidden state at column `P − 1 + j` predicts response token `j`, and the critic's
+//! value there is `V_j` (the state in which token `j` is chosen).
+
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use qwen2_burn::Qwen2;
+
+use crate::advantages::Grid;
+use crate::critic::Critic;
+
+/// One rollout sample with everything PPO needs, ragged (length = its response length).
+#[derive(Debug, Clone)]
+pub struct Experience {
+    pub prompt_index: usize,
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+    /// `log π_old` (from the sampler, proven equal to teacher forcing).
+    pub old_logp: Vec<f64>,
+    pub ref_logp: Vec<f64>,
+    pub old_values: Vec<f64>,
+    pub reward: f64,
+    pub advantages: Vec<f64>,
+    pub returns: Vec<f64>,
+}
+
+/// A padded batch of (prompt, response) rows as host vectors.
+pub struct Batch {
+    pub b: usize,
+    pub p: usize,
+    pub r: usize,
+    tokens: Vec<i64>,
+    positions: Vec<i64>,
+    valid: Vec<bool>,
+    targets: Vec<i64>,
+    /// `[b][r]`, 1 on response tokens.
+    pub mask: Grid,
+}
+
+impl Batch {
+    pub fn new(rows: &[(&[u32], &[u32])]) -> Self {
+        let b = rows.len();
+        let p = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+        let r = rows.iter().map(|r| r.1.len()).max().unwrap_or(1).max(1);
+        let w = p + r;
+        let (mut tokens, mut positions, mut valid) = (Vec::with_capacity(b * w), Vec::with_capacity(b * w), Vec::with_capacity(b * w));
+        let mut targets = Vec::with_capacity(b * r);
+        let mut mask = Vec::with_capacity(b);
+        for (prompt, resp) in rows {
+            let pad = p - prompt.len();
+            tokens.extend(std::iter::repeat_n(0, pad));
+            positions.extend(std::iter::repeat_n(0, pad));
+            valid.extend(std::iter::repeat_n(false, pad));
+            let n = prompt.len() + resp.len();
+            tokens.extend(prompt.iter().chain(resp.iter()).map(|&t| t as i64));
+            positions.extend(0..n as i64);
+            valid.extend(std::iter::repeat_n(true, n));
+            let tail = r - resp.len();
+            tokens.extend(std::iter::repeat_n(0, tail));
+            positions.extend(std::iter::repeat_n(n as i64, tail));
+            valid.extend(std::iter::repeat_n(false, tail));
+            targets.extend(resp.iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, tail)));
+            mask.push((0..r).map(|j| if j < resp.len() { 1.0 } else { 0.0 }).collect());
+        }
+        Self { b, p, r, tokens, positions, valid, targets, mask }
+    }
+
+    /// Model inputs for columns `0 .. P + R − 1` (the last column predicts nothing we need).
+    fn inputs<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
+        let (b, w) = (self.b, self.p + self.r);
+        let cut = |v: &[i64]| -> Vec<i64> { v.chunks(w).flat_map(|row| row[..w - 1].to_vec()).collect() };
+        let valid: Vec<bool> = self.valid.chunks(w).flat_map(|row| row[..w - 1].to_vec()).collect();
+        (
+            Tensor::from_data(TensorData::new(cut(&self.tokens), [b, w - 1]), device),
+            Tensor::from_data(TensorData::new(cut(&self.positions), [b, w - 1]), device),
+            Tensor::from_data(TensorData::new(valid, [b, w - 1]), device),
+        )
+    }
+
+    /// `log π(response token j)` for every row, `[b, r]` (padding positions hold junk; mask them).
+    pub fn logprobs<B: Backend>(&self, model: &Qwen2<B>, chunk: usize, device: &B::Device) -> Tensor<B, 2> {
+        let (tokens, positions, valid) = self.inputs::<B>(device);
+        let h = model.hidden(tokens, positions, valid, None);
+        let d = h.dims()[2];
+        let h = h.slice([0..self.b, self.p - 1..self.p - 1 + self.r, 0..d]);
+        let targets = Tensor::from_data(TensorData::new(self.targets.clone(), [self.b, self.r]), device);
+        model.token_logprobs(h, targets, chunk)
+    }
+
+    /// Critic values `V_j` for every response position, `[b, r]`.
+    pub fn values<B: Backend>(&self, critic: &Critic<B>, device: &B::Device) -> Tensor<B, 2> {
+        let (tokens, positions, valid) = self.inputs::<B>(device);
+        critic.values(tokens, positions, valid).slice([0..self.b, self.p - 1..self.p - 1 + self.r])
+    }
+
+    /// The response mask as a tensor.
+    pub fn mask_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        grid_tensor(&self.mask, device)
+    }
+}
+
+/// A `[b][r]` grid as a float tensor.
+pub fn grid_tensor<B: Backend>(g: &Grid, device: &B::Device) -> Tensor<B, 2> {
+    let (b, r) = (g.len(), g.first().map_or(0, Vec::len));
+    let flat: Vec<f32> = g.iter().flatten().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(flat, [b, r]), device)
+}
+
+/// Ragged per-row vectors padded with zeros to `r` columns.
+pub fn pad_rows(rows: &[&[f64]], r: usize) -> Grid {
+    rows.iter()
+        .map(|v| {
+            let mut x = v.to_vec();
+            x.resize(r, 0.0);
+            x
+        })
+        .collect()
+}
+
+/// A `[b, r]` tensor back to ragged rows of the given lengths.
+pub fn ragged<B: Backend>(t: Tensor<B, 2>, lens: &[usize]) -> Vec<Vec<f64>> {
+    let r = t.dims()[1];
+    let flat: Vec<f64> = t.into_data().iter::<f64>().collect();
+    lens.iter().enumerate().map(|(i, &n)| flat[i * r..i * r + n].to_vec()).collect()
+}

@@ -1,0 +1,485 @@
+//! The PPO trainer (and the critic-free family): one `step` = rollout through the sampler →
+//! verifier rewards → reference log-probs and critic values → KL-shaped rewards → advantages →
+//! `ppo_epochs` passes of clipped policy / value updates over shuffled micro-batches with gradient
+//! accumulation, global-norm clipping and AdamW on a cosine schedule. The math lives in
+//! `advantages.rs` and `loss.rs`; this file only orchestrates.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use qwen2_burn::{load_qwen2, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
+use rand::seq::SliceRandom;
+use rand::{rngs::StdRng, SeedableRng};
+use serde::Serialize;
+
+use crate::advantages::{self as adv, Estimator, Grid, KlEstimator};
+use crate::config::TrainConfig;
+use crate::critic::Critic;
+use crate::eval;
+use crate::experience::{grid_tensor, pad_rows, ragged, Batch, Experience};
+use crate::loss;
+use crate::optimizer::{adamw, clip_global_norm, cosine_lr};
+use crate::prompt;
+use crate::sampler::{self, SamplingParams};
+use crate::task::{self, LoadOptions, McqaItem};
+use crate::tokenizer::Tokenizer;
+use crate::verifier::{self, Stage, Summary, Verdict};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: usize,
+    pub reward_mean: f64,
+    pub format_rate: f64,
+    pub accuracy: f64,
+    pub response_len_mean: f64,
+    pub think_len_mean: f64,
+    pub kl: f64,
+    pub kl_coef: f64,
+    pub entropy: f64,
+    pub policy_loss: f64,
+    pub value_loss: f64,
+    pub clip_frac: f64,
+    pub explained_var: f64,
+    pub grad_norm: f64,
+    pub critic_grad_norm: f64,
+    pub lr: f64,
+    pub critic_lr: f64,
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+    pub stages: std::collections::BTreeMap<String, usize>,
+    /// Greedy held-out accuracy / format rate, on evaluation steps.
+    pub eval_accuracy: Option<f64>,
+    pub eval_format_rate: Option<f64>,
+}
+
+type ActorOptim<B> = OptimizerAdaptor<AdamW, Qwen2<B>, B>;
+type CriticOptim<B> = OptimizerAdaptor<AdamW, Critic<B>, B>;
+
+pub struct Trainer<B: AutodiffBackend> {
+    pub cfg: TrainConfig,
+    pub model_config: Qwen2Config,
+    pub tok: Tokenizer,
+    pub actor: Qwen2<B>,
+    pub critic: Option<Critic<B>>,
+    reference: Qwen2<B::InnerBackend>,
+    actor_optim: ActorOptim<B>,
+    critic_optim: Option<CriticOptim<B>>,
+    pub train_items: Vec<McqaItem>,
+    train_prompts: Vec<Vec<u32>>,
+    pub eval_items: Vec<McqaItem>,
+    order: Vec<usize>,
+    cursor: usize,
+    pub epoch: usize,
+    pub step: usize,
+    opt_step: usize,
+    pub total_steps: usize,
+    total_opt_steps: usize,
+    kl_coef: f64,
+    eos: u32,
+    device: B::Device,
+}
+
+fn load_items(path: &Path, cfg: &TrainConfig) -> Result<Vec<McqaItem>> {
+    let opts = LoadOptions {
+        category: cfg.data.category.clone(),
+        none_of_the_above: cfg.data.none_of_the_above,
+        skip_invalid: cfg.data.skip_invalid,
+    };
+    let ds = task::load(path, cfg.data.format, &opts)?;
+    if !ds.skipped.is_empty() {
+        eprintln!("{}: skipped {} malformed rows", path.display(), ds.skipped.len());
+    }
+    if ds.items.is_empty() {
+        bail!("{}: no items (after the category filter)", path.display());
+    }
+    Ok(ds.items)
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(cfg: TrainConfig, device: B::Device) -> Result<Self> {
+        let dir = &cfg.model.path;
+        let tok = Tokenizer::from_dir(dir)?;
+        let (model_config, actor) = load_qwen2::<B>(dir, &device)?;
+        let reference = actor.valid();
+        let critic = (cfg.ppo.estimator == Estimator::Gae).then(|| Critic::new(actor.clone(), cfg.seed, &device));
+        let train_items = load_items(&cfg.data.train, &cfg)?;
+        let mut eval_items = match &cfg.data.eval {
+            Some(p) => load_items(p, &cfg)?,
+            None => vec![],
+        };
+        if cfg.data.eval_limit > 0 {
+            eval_items.truncate(cfg.data.eval_limit);
+        }
+        let train_prompts = train_items
+            .iter()
+            .map(|it| tok.encode(&prompt::render(it, cfg.data.prompt)))
+            .collect::<Result<Vec<_>>>()?;
+        let per_step = cfg.rollout.prompts_per_step;
+        let total_steps = if cfg.train.steps > 0 { cfg.train.steps } else { (cfg.train.epochs * train_items.len()).div_ceil(per_step) };
+        let samples = per_step * cfg.rollout.n;
+        let total_opt_steps = total_steps * cfg.ppo.ppo_epochs * samples.div_ceil(cfg.ppo.train_batch);
+        let eos = tok.eos_id()?;
+        let mut t = Self {
+            actor_optim: adamw(&cfg.optim).init(),
+            critic_optim: critic.as_ref().map(|_| adamw(&cfg.optim).init()),
+            kl_coef: cfg.ppo.kl_coef,
+            cfg,
+            model_config,
+            tok,
+            actor,
+            critic,
+            reference,
+            train_items,
+            train_prompts,
+            eval_items,
+            order: vec![],
+            cursor: 0,
+            epoch: 0,
+            step: 0,
+            opt_step: 0,
+            total_steps,
+            total_opt_steps,
+            eos,
+            device,
+        };
+        t.reshuffle();
+        Ok(t)
+    }
+
+    fn reshuffle(&mut self) {
+        self.order = (0..self.train_items.len()).collect();
+        let mut rng = StdRng::seed_from_u64(self.cfg.seed.wrapping_add(self.epoch as u64).wrapping_mul(0x9E37_79B9));
+        self.order.shuffle(&mut rng);
+        self.cursor = 0;
+    }
+
+    /// The next `k` training items (epoch-wise shuffled, without replacement within an epoch).
+    fn next_batch(&mut self, k: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            if self.cursor == self.order.len() {
+                self.epoch += 1;
+                self.reshuffle();
+            }
+            out.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        out
+    }
+
+    fn sampling(&self) -> SamplingParams {
+        let r = &self.cfg.rollout;
+        SamplingParams {
+            temperature: r.temperature,
+            top_k: r.top_k,
+            top_p: r.top_p,
+            max_new_tokens: r.max_new_tokens,
+            stop_token_ids: vec![self.eos],
+            stop_strings: r.stop.clone(),
+            n: r.n,
+            seed: self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(self.step as u64),
+        }
+    }
+
+    /// Greedy held-out evaluation: (accuracy, format rate).
+    pub fn evaluate(&self) -> Result<(f64, f64)> {
+        let params = SamplingParams { temperature: 0.0, n: 1, ..self.sampling() };
+        let gens = eval::generate_and_score(
+            &self.actor.valid(),
+            &self.model_config,
+            &self.tok,
+            &self.eval_items,
+            self.cfg.data.prompt,
+            &params,
+            &self.cfg.verifier,
+            64,
+            &self.device,
+        )?;
+        let s = Summary::from_verdicts(gens.iter().map(|g| &g.verdict));
+        Ok((s.accuracy, s.format_rate))
+    }
+
+    /// Runs one PPO step; returns its metrics and a few decoded samples.
+    pub fn step(&mut self) -> Result<(StepMetrics, Vec<serde_json::Value>)> {
+        let t0 = Instant::now();
+        let cfg = self.cfg.clone();
+        let chunk = cfg.model.logprob_chunk;
+        let idx = self.next_batch(cfg.rollout.prompts_per_step);
+        let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_prompts[i].clone()).collect();
+        let inner_actor = self.actor.valid();
+        let samples = sampler::generate(&inner_actor, &self.model_config, &prompts, &self.sampling(), &self.tok, &self.device);
+        let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
+
+        // Rewards.
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(samples.len());
+        let mut texts = Vec::with_capacity(samples.len());
+        for s in &samples {
+            let item = &self.train_items[idx[s.prompt_index]];
+            let text = self.tok.decode(&s.output_ids);
+            let mut v = verifier::verify(&text, item.answer, item.num_options(), Some(item.gold_text()), &cfg.verifier);
+            if let Some(think) = verifier::think_text(&text) {
+                v.diagnostics.think_tokens = Some(self.tok.encode(think)?.len());
+            }
+            verdicts.push(v);
+            texts.push(text);
+        }
+        let mut exps: Vec<Experience> = samples
+            .iter()
+            .zip(&verdicts)
+            .map(|(s, v)| Experience {
+                prompt_index: s.prompt_index,
+                prompt: prompts[s.prompt_index].clone(),
+                response: s.output_ids.clone(),
+                old_logp: s.logprobs.iter().map(|&x| x as f64).collect(),
+                ref_logp: vec![],
+                old_values: vec![],
+                reward: v.reward as f64,
+                advantages: vec![],
+                returns: vec![],
+            })
+            .collect();
+
+        // Reference log-probs and critic values, micro-batch by micro-batch (no gradients).
+        let inner_critic = self.critic.as_ref().map(|c| c.valid());
+        for group in (0..exps.len()).collect::<Vec<_>>().chunks(cfg.ppo.micro_batch) {
+            let rows: Vec<(&[u32], &[u32])> = group.iter().map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice())).collect();
+            let lens: Vec<usize> = group.iter().map(|&i| exps[i].response.len()).collect();
+            let batch = Batch::new(&rows);
+            let ref_lp = ragged(batch.logprobs(&self.reference, chunk, &self.device), &lens);
+            let vals = inner_critic.as_ref().map(|c| ragged(batch.values(c, &self.device), &lens));
+            for (k, &i) in group.iter().enumerate() {
+                exps[i].ref_logp = ref_lp[k].clone();
+                if let Some(v) = &vals {
+                    exps[i].old_values = v[k].clone();
+                }
+            }
+        }
+
+        // KL-shaped rewards and advantages over the whole rollout batch.
+        let r = exps.iter().map(|e| e.response.len()).max().unwrap_or(1).max(1);
+        let mask: Grid = exps.iter().map(|e| (0..r).map(|j| if j < e.response.len() { 1.0 } else { 0.0 }).collect()).collect();
+        let old = pad_rows(&exps.iter().map(|e| e.old_logp.as_slice()).collect::<Vec<_>>(), r);
+        let reference = pad_rows(&exps.iter().map(|e| e.ref_logp.as_slice()).collect::<Vec<_>>(), r);
+        let kl_est = if cfg.ppo.use_kl_loss { KlEstimator::K3 } else { cfg.ppo.kl_estimator };
+        let kl = adv::kl(&old, &reference, &mask, kl_est);
+        let k1 = adv::kl(&old, &reference, &mask, KlEstimator::K1);
+        let (kl_mean, _) = adv::masked_moments(&k1, &mask);
+        let beta_in_reward = if cfg.ppo.use_kl_loss { 0.0 } else { self.kl_coef };
+        let seq_rewards: Vec<f64> = exps.iter().map(|e| e.reward).collect();
+        let (advantages, returns, explained_var) = if cfg.ppo.estimator == Estimator::Gae {
+            let values = pad_rows(&exps.iter().map(|e| e.old_values.as_slice()).collect::<Vec<_>>(), r);
+            let rewards = adv::token_rewards(&seq_rewards, &kl, &mask, beta_in_reward);
+            let (a, g) = adv::gae(&rewards, &values, &mask, cfg.ppo.gamma, cfg.ppo.lambda);
+            let ev = adv::explained_variance(&values, &g, &mask);
+            (adv::whiten(&a, &mask), g, ev)
+        } else {
+            let a = adv::critic_free_advantages(&seq_rewards, cfg.rollout.n, &kl, &mask, beta_in_reward, cfg.ppo.gamma, cfg.ppo.estimator);
+            (a.clone(), a, 0.0)
+        };
+        for (i, e) in exps.iter_mut().enumerate() {
+            let n = e.response.len();
+            e.advantages = advantages[i][..n].to_vec();
+            e.returns = returns[i][..n].to_vec();
+        }
+
+        // Updates.
+        let train_actor = self.step >= cfg.ppo.critic_warmup;
+        let mut rng = StdRng::seed_from_u64(cfg.seed ^ (self.step as u64).wrapping_mul(0x5851_F42D));
+        let (mut pl_sum, mut vl_sum, mut cf_sum, mut gn_sum, mut cgn_sum, mut n_mb, mut n_opt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
+        let mut lr = 0.0;
+        let mut critic_lr = 0.0;
+        for _ in 0..cfg.ppo.ppo_epochs {
+            let mut order: Vec<usize> = (0..exps.len()).collect();
+            order.shuffle(&mut rng);
+            for train_batch in order.chunks(cfg.ppo.train_batch) {
+                let total_tokens: usize = train_batch.iter().map(|&i| exps[i].response.len()).sum::<usize>().max(1);
+                let mut acc_actor = GradientsAccumulator::<Qwen2<B>>::new();
+                let mut acc_critic = GradientsAccumulator::<Critic<B>>::new();
+                for mb in train_batch.chunks(cfg.ppo.micro_batch) {
+                    let rows: Vec<(&[u32], &[u32])> = mb.iter().map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice())).collect();
+                    let batch = Batch::new(&rows);
+                    let m = batch.mask_tensor::<B>(&self.device);
+                    let take = |f: &dyn Fn(&Experience) -> &[f64]| grid_tensor::<B>(&pad_rows(&mb.iter().map(|&i| f(&exps[i])).collect::<Vec<_>>(), batch.r), &self.device);
+                    // Weight of this micro-batch in the train-batch mean.
+                    let weight = match cfg.ppo.loss_agg {
+                        loss::Aggregation::SeqMeanTokenMean => mb.len() as f64 / train_batch.len() as f64,
+                        loss::Aggregation::TokenMean => mb.iter().map(|&i| exps[i].response.len()).sum::<usize>() as f64 / total_tokens as f64,
+                    };
+                    if train_actor {
+                        let logp = batch.logprobs(&self.actor, chunk, &self.device);
+                        let (pl, cf) = loss::policy_loss(logp.clone(), take(&|e| &e.old_logp), take(&|e| &e.advantages), m.clone(), cfg.ppo.eps_low, cfg.ppo.eps_high, cfg.ppo.loss_agg);
+                        let mut total = pl.clone();
+                        if cfg.ppo.use_kl_loss {
+                            total = total + loss::kl_loss(logp, take(&|e| &e.ref_logp), m.clone(), cfg.ppo.loss_agg).mul_scalar(self.kl_coef);
+                        }
+                        pl_sum += scalar(pl) * weight;
+                        cf_sum += cf * weight;
+                        let grads = total.mul_scalar(weight).backward();
+                        acc_actor.accumulate(&self.actor, GradientsParams::from_grads(grads, &self.actor));
+                    }
+                    if let Some(critic) = &self.critic {
+                        let v = batch.values(critic, &self.device);
+                        let vl = loss::value_loss(v, take(&|e| &e.old_values), take(&|e| &e.returns), m, cfg.ppo.value_clip, cfg.ppo.loss_agg);
+                        vl_sum += scalar(vl.clone()) * weight;
+                        let grads = vl.mul_scalar(weight).backward();
+                        acc_critic.accumulate(critic, GradientsParams::from_grads(grads, critic));
+                    }
+                }
+                lr = cosine_lr(cfg.optim.actor_lr, self.opt_step, self.total_opt_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio);
+                critic_lr = cosine_lr(cfg.optim.critic_lr, self.opt_step, self.total_opt_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio);
+                if train_actor {
+                    let mut g = acc_actor.grads();
+                    gn_sum += clip_global_norm(&self.actor, &mut g, cfg.optim.grad_clip);
+                    self.actor = self.actor_optim.step(lr, self.actor.clone(), g);
+                }
+                if let (Some(critic), Some(opt)) = (self.critic.take(), self.critic_optim.as_mut()) {
+                    let mut g = acc_critic.grads();
+                    cgn_sum += clip_global_norm(&critic, &mut g, cfg.optim.grad_clip);
+                    self.critic = Some(opt.step(critic_lr, critic, g));
+                }
+                self.opt_step += 1;
+                n_opt += 1;
+            }
+            n_mb += 1;
+        }
+        let _ = n_mb;
+        self.update_kl_coef(kl_mean, exps.len());
+        let summary = Summary::from_verdicts(&verdicts);
+        let n_opt = n_opt.max(1) as f64;
+        let think: Vec<f64> = verdicts.iter().filter(|v| v.stage != Stage::FormatFailure).map(|v| v.diagnostics.think_words as f64).collect();
+        let tokens: usize = samples.iter().map(|s| s.entropies.len()).sum();
+        let entropy = samples.iter().flat_map(|s| s.entropies.iter()).map(|&e| e as f64).sum::<f64>() / tokens.max(1) as f64;
+        let seconds = t0.elapsed().as_secs_f64();
+        let metrics = StepMetrics {
+            step: self.step,
+            epoch: self.epoch,
+            reward_mean: summary.reward_mean,
+            format_rate: summary.format_rate,
+            accuracy: summary.accuracy,
+            response_len_mean: generated as f64 / samples.len().max(1) as f64,
+            think_len_mean: think.iter().sum::<f64>() / think.len().max(1) as f64,
+            kl: kl_mean,
+            kl_coef: self.kl_coef,
+            entropy,
+            policy_loss: pl_sum / n_opt,
+            value_loss: vl_sum / n_opt,
+            clip_frac: cf_sum / n_opt,
+            explained_var,
+            grad_norm: gn_sum / n_opt,
+            critic_grad_norm: cgn_sum / n_opt,
+            lr,
+            critic_lr,
+            tokens_per_s: generated as f64 / seconds,
+            seconds,
+            stages: summary.stages,
+            eval_accuracy: None,
+            eval_format_rate: None,
+        };
+        let shown: Vec<serde_json::Value> = (0..samples.len().min(cfg.train.samples_per_step))
+            .map(|i| {
+                serde_json::json!({
+                    "step": self.step,
+                    "id": self.train_items[idx[samples[i].prompt_index]].id,
+                    "gold": self.train_items[idx[samples[i].prompt_index]].answer.to_string(),
+                    "response": texts[i],
+                    "reward": verdicts[i].reward,
+                    "stage": verdicts[i].stage,
+                    "finish_reason": samples[i].finish_reason,
+                })
+            })
+            .collect();
+        self.step += 1;
+        Ok((metrics, shown))
+    }
+
+    /// Adaptive KL controller (Ziegler et al. 2019):
+    /// `β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon)`; fixed when no target is set.
+    fn update_kl_coef(&mut self, kl: f64, n: usize) {
+        if let Some(target) = self.cfg.ppo.kl_target {
+            let err = (kl / target - 1.0).clamp(-0.2, 0.2);
+            self.kl_coef *= 1.0 + err * n as f64 / self.cfg.ppo.kl_horizon;
+        }
+    }
+
+    /// Writes the actor as a Hugging Face folder (config, safetensors, tokenizer).
+    pub fn save_actor(&self, dir: &Path) -> Result<()> {
+        save_qwen2(&self.actor.valid(), &self.model_config, dir, SaveDtype::F32, 5 << 30)?;
+        std::fs::copy(self.tok.path(), dir.join("tokenizer.json")).with_context(|| format!("{}: cannot copy tokenizer", dir.display()))?;
+        Ok(())
+    }
+}
+
+fn scalar<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
+}
+
+/// The whole run: metrics.jsonl, samples.jsonl, a progress bar, held-out evaluations, the final
+/// actor in `OUT/final`. Returns the metrics of every step.
+pub fn run<B: AutodiffBackend>(cfg: TrainConfig, out: &Path, device: B::Device, quiet: bool) -> Result<Vec<StepMetrics>> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    std::fs::write(out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
+    let mut trainer = Trainer::<B>::new(cfg, device)?;
+    let mut metrics_file = std::fs::File::create(out.join("metrics.jsonl"))?;
+    let mut samples_file = std::fs::File::create(out.join("samples.jsonl"))?;
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(trainer.total_steps as u64) };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let eval_every = trainer.cfg.train.eval_every;
+    let has_eval = eval_every > 0 && !trainer.eval_items.is_empty();
+    let mut all = Vec::new();
+    let mut last_eval = if has_eval { Some(trainer.evaluate()?) } else { None };
+    if let Some((a, f)) = last_eval {
+        bar.println(format!("step 0 held-out: accuracy {a:.3}, format rate {f:.3}"));
+    }
+    for s in 0..trainer.total_steps {
+        let (mut m, shown) = trainer.step()?;
+        if has_eval && ((s + 1) % eval_every == 0 || s + 1 == trainer.total_steps) {
+            let (a, f) = trainer.evaluate()?;
+            m.eval_accuracy = Some(a);
+            m.eval_format_rate = Some(f);
+            last_eval = Some((a, f));
+        }
+        if s == 0 {
+            if let Some((a, f)) = last_eval {
+                // Record the starting point too (before any update).
+                m.eval_accuracy.get_or_insert(a);
+                m.eval_format_rate.get_or_insert(f);
+            }
+        }
+        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+        for line in shown {
+            writeln!(samples_file, "{line}")?;
+        }
+        bar.set_message(format!(
+            "reward {:+.3} fmt {:.2} acc {:.2} kl {:.4} len {:.0}{}",
+            m.reward_mean,
+            m.format_rate,
+            m.accuracy,
+            m.kl,
+            m.response_len_mean,
+            last_eval.map(|(a, f)| format!(" | held-out acc {a:.2} fmt {f:.2}")).unwrap_or_default()
+        ));
+        bar.inc(1);
+        all.push(m);
+    }
+    bar.finish();
+    trainer.save_actor(&out.join("final"))?;
+    Ok(all)
+}
+
+/// A fresh run folder under `runs/` named by time.
+pub fn default_out_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    PathBuf::from("runs").join(format!("train-{secs}"))
+}
