@@ -2,16 +2,17 @@
 //! project's own code, so `med-rlvr train` learns visibly on a CPU in minutes.
 //!
 //! How `med-rlvr demo-assets` makes them (deterministic for a seed):
-//! 1. **Task.** 16 (finding → diagnosis) pairs. An item reads "A 54-year-old woman presents with
-//!    {finding}. Which of the following is the most likely diagnosis?" with the right diagnosis and
-//!    three others as options A–D in random order. 480 training and 120 held-out items.
+//! 1. **Task.** 16 (finding → diagnosis) pairs in four groups of four. An item reads "A 54-year-old
+//!    woman presents with {finding}. Which of the following is the most likely diagnosis?" with the
+//!    four diagnoses of its group as options A–D (fixed order per group). 480 training and 120
+//!    held-out items (new ages and sexes).
 //! 2. **Tokenizer.** A byte-level BPE (vocabulary 1024 + `<|endoftext|>`) trained on the rendered
 //!    prompts and replies.
 //! 3. **Model.** A random Qwen2 (hidden 96, 2 layers, 4 query / 2 key-value heads, MLP 256, tied
 //!    embeddings).
 //! 4. **Warm start, like a base model: format and answers mostly wrong.** A short SFT (8 epochs) on
 //!    replies to the paper's prompt drawn from a mixture: 55 % unformatted (`The answer is X.`),
-//!    45 % `<think> {finding} suggests {diagnosis}. </think><answer> X </answer>` where the
+//!    45 % `<think> The findings suggest {diagnosis}. </think><answer> X </answer>` where the
 //!    (diagnosis, letter) pair is the right one on purpose 15 % of the time and otherwise a uniformly
 //!    drawn option's (so right about 36 % of formatted replies). The model thus starts with format
 //!    and accuracy well below 1; RL with the verifier's reward has to find the formatted, correct mode.
@@ -23,7 +24,6 @@ use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use qwen2_burn::{save_qwen2, Qwen2, Qwen2Config, SaveDtype};
-use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
 
@@ -57,16 +57,14 @@ pub const FACTS: [(&str, &str); 16] = [
     ("jaundice after eating fava beans", "G6PD deficiency"),
 ];
 
-/// `count` synthetic items, drawn with `rng`.
+/// `count` synthetic items, drawn with `rng`. The 16 diagnoses form four groups of four
+/// (`FACTS[4g..4g+4]`); a question's options are its diagnosis's group in that fixed order, so the
+/// letter is a function of the diagnosis and the task is to map the finding to its diagnosis.
 pub fn synthetic_items(count: usize, rng: &mut StdRng, id_prefix: &str) -> Vec<McqaItem> {
     (0..count)
         .map(|i| {
             let f = rng.random_range(0..FACTS.len());
-            let mut others: Vec<usize> = (0..FACTS.len()).filter(|&j| j != f).collect();
-            others.shuffle(rng);
-            let mut opts = vec![f, others[0], others[1], others[2]];
-            opts.shuffle(rng);
-            let gold = opts.iter().position(|&o| o == f).expect("gold among options");
+            let group = f / 4 * 4;
             let age = rng.random_range(18..90);
             let who = if rng.random_bool(0.5) { "woman" } else { "man" };
             McqaItem {
@@ -75,17 +73,13 @@ pub fn synthetic_items(count: usize, rng: &mut StdRng, id_prefix: &str) -> Vec<M
                     "A {age}-year-old {who} presents with {}. Which of the following is the most likely diagnosis?",
                     FACTS[f].0
                 ),
-                options: opts.iter().map(|&o| FACTS[o].1.to_string()).collect(),
-                answer: McqaItem::letter(gold),
+                options: (group..group + 4).map(|o| FACTS[o].1.to_string()).collect(),
+                answer: McqaItem::letter(f - group),
                 category: Some("synthetic".into()),
                 source: Some("med-rlvr demo".into()),
             }
         })
         .collect()
-}
-
-fn finding_of(item: &McqaItem) -> &str {
-    FACTS.iter().find(|(f, _)| item.question.contains(f)).map_or("these findings", |(f, _)| *f)
 }
 
 /// Share of unformatted warm-start replies.
@@ -101,7 +95,7 @@ fn warm_reply(item: &McqaItem, rng: &mut StdRng) -> String {
     if rng.random_bool(UNFORMATTED_SHARE) {
         format!(" The answer is {letter}.")
     } else {
-        format!(" <think> {} suggests {}. </think><answer> {letter} </answer>", finding_of(item), item.options[pick])
+        format!(" <think> The findings suggest {}. </think><answer> {letter} </answer>", item.options[pick])
     }
 }
 
