@@ -122,7 +122,9 @@ pub fn whiten(x: &Grid, mask: &Grid) -> Grid {
 /// Whitening with given (e.g. globally all-reduced) moments.
 pub fn whiten_with(x: &Grid, mean: f64, var: f64) -> Grid {
     let rstd = 1.0 / var.max(1e-8).sqrt();
-    x.iter().map(|row| row.iter().map(|a| (a - mean) * rstd).collect()).collect()
+    x.iter()
+        .map(|row| row.iter().map(|a| (a - mean) * rstd).collect())
+        .collect()
 }
 
 /// Advantage estimators.
@@ -196,7 +198,11 @@ pub fn critic_free_advantages(
 
 /// Fraction of the return variance the critic explains: `1 − Var(G − V)/Var(G)` over valid tokens.
 pub fn explained_variance(values: &Grid, returns: &Grid, mask: &Grid) -> f64 {
-    let diff: Grid = returns.iter().zip(values).map(|(g, v)| g.iter().zip(v).map(|(a, b)| a - b).collect()).collect();
+    let diff: Grid = returns
+        .iter()
+        .zip(values)
+        .map(|(g, v)| g.iter().zip(v).map(|(a, b)| a - b).collect())
+        .collect();
     let (_, var_g) = masked_moments(returns, mask);
     let (_, var_d) = masked_moments(&diff, mask);
     if var_g <= 0.0 {
@@ -210,6 +216,12 @@ fn map3(a: &Grid, b: &Grid, c: &Grid, f: impl Fn(f64, f64, f64) -> f64) -> Grid 
     a.iter()
         .zip(b)
         .zip(c)
-        .map(|((x, y), z)| x.iter().zip(y).zip(z).map(|((p, q), r)| f(*p, *q, *r)).collect())
+        .map(|((x, y), z)| {
+            x.iter()
+                .zip(y)
+                .zip(z)
+                .map(|((p, q), r)| f(*p, *q, *r))
+                .collect()
+        })
         .collect()
 }

@@ -36,7 +36,11 @@ pub struct RolloutBench {
 fn random_prompts(count: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..count)
-        .map(|_| (0..len).map(|_| rng.random_range(0..vocab as u32)).collect())
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect()
+        })
         .collect()
 }
 
@@ -60,9 +64,18 @@ pub fn kernels<B: Backend>(
     let run = |cache: &mut KvCache<B>| {
         let t0 = Instant::now();
         let h = model.hidden(
-            Tensor::<B, 2, Int>::from_data(TensorData::new(toks.clone(), [batch, prompt_len]), device),
-            Tensor::<B, 2, Int>::from_data(TensorData::new(pos.clone(), [batch, prompt_len]), device),
-            Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![true; batch * prompt_len], [batch, prompt_len]), device),
+            Tensor::<B, 2, Int>::from_data(
+                TensorData::new(toks.clone(), [batch, prompt_len]),
+                device,
+            ),
+            Tensor::<B, 2, Int>::from_data(
+                TensorData::new(pos.clone(), [batch, prompt_len]),
+                device,
+            ),
+            Tensor::<B, 2, Bool>::from_data(
+                TensorData::new(vec![true; batch * prompt_len], [batch, prompt_len]),
+                device,
+            ),
             Some(cache),
         );
         let hd = h.dims()[2];
@@ -80,7 +93,10 @@ pub fn kernels<B: Backend>(
         let next: Vec<i64> = (0..batch)
             .map(|r| {
                 let z = &logits[r * vocab..(r + 1) * vocab];
-                z.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |x| x.0) as i64
+                z.iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |x| x.0) as i64
             })
             .collect();
         let p = vec![(prompt_len + step) as i64; batch];
@@ -124,7 +140,18 @@ pub fn rollout<B: Backend>(
         seed: 1,
         ..Default::default()
     };
-    let _ = sampler::generate(model, config, &ps[..1], &SamplingParams { max_new_tokens: 2, n: 1, ..params.clone() }, &NoDetokenizer, device);
+    let _ = sampler::generate(
+        model,
+        config,
+        &ps[..1],
+        &SamplingParams {
+            max_new_tokens: 2,
+            n: 1,
+            ..params.clone()
+        },
+        &NoDetokenizer,
+        device,
+    );
     let t0 = Instant::now();
     let samples = sampler::generate(model, config, &ps, &params, &NoDetokenizer, device);
     let seconds = t0.elapsed().as_secs_f64();
@@ -155,11 +182,35 @@ pub struct VerifierBench {
 pub fn verifier(count: usize, seed: u64) -> VerifierBench {
     use crate::verifier::{verify, VerifierConfig};
     const PIECES: &[&str] = &[
-        "<think>", "</think>", "<answer>", "</answer>", "The answer is ", "(", ")", " ", "\n", "C", "b", "J",
-        "Step 1: ", "é", "日本", "🙂", "\u{0}", ".", ":", "option ",
+        "<think>",
+        "</think>",
+        "<answer>",
+        "</answer>",
+        "The answer is ",
+        "(",
+        ")",
+        " ",
+        "\n",
+        "C",
+        "b",
+        "J",
+        "Step 1: ",
+        "é",
+        "日本",
+        "🙂",
+        "\u{0}",
+        ".",
+        ":",
+        "option ",
     ];
     let mut rng = StdRng::seed_from_u64(seed);
-    let cfgs = [VerifierConfig::default(), VerifierConfig { strict: true, ..Default::default() }];
+    let cfgs = [
+        VerifierConfig::default(),
+        VerifierConfig {
+            strict: true,
+            ..Default::default()
+        },
+    ];
     let mut counts = [0usize; 3];
     let mut other = 0;
     let mut reply = String::new();
@@ -175,14 +226,29 @@ pub fn verifier(count: usize, seed: u64) -> VerifierBench {
         }
         let n = rng.random_range(1..=10);
         let gold = (b'A' + rng.random_range(0..n as u8)) as char;
-        let v = verify(&reply, gold, n, Some("Cholesterol embolization"), &cfgs[i % 2]);
-        match v.reward {
-            r if r == -1.0 => counts[0] += 1,
-            r if r == 0.0 => counts[1] += 1,
-            r if r == 1.0 => counts[2] += 1,
-            _ => other += 1,
+        let v = verify(
+            &reply,
+            gold,
+            n,
+            Some("Cholesterol embolization"),
+            &cfgs[i % 2],
+        );
+        if v.reward == -1.0 {
+            counts[0] += 1;
+        } else if v.reward == 0.0 {
+            counts[1] += 1;
+        } else if v.reward == 1.0 {
+            counts[2] += 1;
+        } else {
+            other += 1;
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    VerifierBench { replies: count, seconds, replies_per_s: count as f64 / seconds, reward_counts: counts, other_rewards: other }
+    VerifierBench {
+        replies: count,
+        seconds,
+        replies_per_s: count as f64 / seconds,
+        reward_counts: counts,
+        other_rewards: other,
+    }
 }

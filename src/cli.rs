@@ -15,7 +15,11 @@ use crate::sampler::{self, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
-#[command(name = "med-rlvr", version, about = "RLVR for medical multiple-choice QA on Qwen2, in Rust on Burn")]
+#[command(
+    name = "med-rlvr",
+    version,
+    about = "RLVR for medical multiple-choice QA on Qwen2, in Rust on Burn"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -187,7 +191,10 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
 }
 
 /// Loads model and tokenizer from a Hugging Face folder.
-pub fn load_model<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Qwen2Config, Qwen2<B>, Tokenizer)> {
+pub fn load_model<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(Qwen2Config, Qwen2<B>, Tokenizer)> {
     if !dir.is_dir() {
         bail!("{}: model folder not found", dir.display());
     }
@@ -219,7 +226,12 @@ fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
 }
 
 /// `log p(c_j | p, c_<j)` for every continuation token, by one teacher-forced forward pass.
-pub fn continuation_logprobs<B: Backend>(model: &Qwen2<B>, prompt: &[u32], cont: &[u32], device: &B::Device) -> Vec<f32> {
+pub fn continuation_logprobs<B: Backend>(
+    model: &Qwen2<B>,
+    prompt: &[u32],
+    cont: &[u32],
+    device: &B::Device,
+) -> Vec<f32> {
     if cont.is_empty() {
         return vec![];
     }
@@ -227,18 +239,30 @@ pub fn continuation_logprobs<B: Backend>(model: &Qwen2<B>, prompt: &[u32], cont:
     let t = all.len() - 1;
     let hidden = model.hidden(
         Tensor::<B, 2, Int>::from_data(TensorData::new(all[..t].to_vec(), [1, t]), device),
-        Tensor::<B, 2, Int>::from_data(TensorData::new((0..t as i64).collect::<Vec<_>>(), [1, t]), device),
+        Tensor::<B, 2, Int>::from_data(
+            TensorData::new((0..t as i64).collect::<Vec<_>>(), [1, t]),
+            device,
+        ),
         Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![true; t], [1, t]), device),
         None,
     );
-    let lp = model.token_logprobs(hidden, Tensor::from_data(TensorData::new(all[1..].to_vec(), [1, t]), device), 64);
-    let lp = lp.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    let lp = model.token_logprobs(
+        hidden,
+        Tensor::from_data(TensorData::new(all[1..].to_vec(), [1, t]), device),
+        64,
+    );
+    let lp = lp
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32");
     lp[prompt.len() - 1..].to_vec()
 }
 
 /// Reads a prompts file: each line a JSON string or an object with a string `prompt`.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.with_context(|| format!("{}:{}: cannot read", path.display(), i + 1))?;
@@ -287,7 +311,10 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
         n: a.n,
         seed: a.seed,
     };
-    let encoded = texts.iter().map(|t| tok.encode(t)).collect::<Result<Vec<_>>>()?;
+    let encoded = texts
+        .iter()
+        .map(|t| tok.encode(t))
+        .collect::<Result<Vec<_>>>()?;
     if let Some(i) = encoded.iter().position(Vec::is_empty) {
         bail!("prompt {} tokenizes to no tokens", i + 1);
     }
@@ -311,7 +338,13 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
                 });
                 writeln!(out, "{line}")?;
             } else {
-                writeln!(out, "[{} #{}] {}", base + s.prompt_index, s.sample_index, text)?;
+                writeln!(
+                    out,
+                    "[{} #{}] {}",
+                    base + s.prompt_index,
+                    s.sample_index,
+                    text
+                )?;
             }
         }
     }
@@ -320,15 +353,33 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
 
 fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
     if let Some(count) = a.verifier {
-        println!("{}", serde_json::to_string(&crate::bench::verifier(count, 0))?);
+        println!(
+            "{}",
+            serde_json::to_string(&crate::bench::verifier(count, 0))?
+        );
         return Ok(());
     }
     let config = Qwen2Config::from_file(a.config.as_deref().context("--config is required")?)?;
     let model = Qwen2::<B>::init_random(&config, 0, device);
     let line = if a.rollout {
-        serde_json::to_value(crate::bench::rollout(&config, &model, a.batch, a.n, a.prompt_len, a.new_tokens, device))?
+        serde_json::to_value(crate::bench::rollout(
+            &config,
+            &model,
+            a.batch,
+            a.n,
+            a.prompt_len,
+            a.new_tokens,
+            device,
+        ))?
     } else {
-        serde_json::to_value(crate::bench::kernels(&config, &model, a.batch, a.prompt_len, a.new_tokens, device))?
+        serde_json::to_value(crate::bench::kernels(
+            &config,
+            &model,
+            a.batch,
+            a.prompt_len,
+            a.new_tokens,
+            device,
+        ))?
     };
     if a.json {
         println!("{line}");
@@ -346,9 +397,14 @@ fn score(a: ScoreArgs) -> Result<()> {
         preamble_penalty: a.preamble_penalty,
         ..Default::default()
     };
-    let tok = a.tokenizer.as_deref().map(Tokenizer::from_dir).transpose()?;
+    let tok = a
+        .tokenizer
+        .as_deref()
+        .map(Tokenizer::from_dir)
+        .transpose()?;
     let path = &a.input;
-    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
@@ -364,17 +420,30 @@ fn score(a: ScoreArgs) -> Result<()> {
         }
         let mut v: serde_json::Value =
             serde_json::from_str(&line).with_context(|| format!("{}: invalid JSON", at()))?;
-        let response = v.get("response").and_then(|x| x.as_str()).with_context(|| format!("{}: no string key `response`", at()))?;
-        let gold = v.get("answer").and_then(|x| x.as_str()).with_context(|| format!("{}: no string key `answer`", at()))?;
+        let response = v
+            .get("response")
+            .and_then(|x| x.as_str())
+            .with_context(|| format!("{}: no string key `response`", at()))?;
+        let gold = v
+            .get("answer")
+            .and_then(|x| x.as_str())
+            .with_context(|| format!("{}: no string key `answer`", at()))?;
         let gold = match gold.trim().chars().collect::<Vec<_>>()[..] {
             [c] if c.is_ascii_alphabetic() => c.to_ascii_uppercase(),
             _ => bail!("{}: `answer` must be one letter, got {gold:?}", at()),
         };
         let n = match v.get("num_options") {
             None | Some(serde_json::Value::Null) => 10,
-            Some(x) => x.as_u64().filter(|&n| (1..=26).contains(&n)).with_context(|| format!("{}: `num_options` must be 1..=26", at()))? as usize,
+            Some(x) => x
+                .as_u64()
+                .filter(|&n| (1..=26).contains(&n))
+                .with_context(|| format!("{}: `num_options` must be 1..=26", at()))?
+                as usize,
         };
-        let gold_text = v.get("gold_text").and_then(|x| x.as_str()).map(str::to_string);
+        let gold_text = v
+            .get("gold_text")
+            .and_then(|x| x.as_str())
+            .map(str::to_string);
         let mut verdict = verifier::verify(response, gold, n, gold_text.as_deref(), &cfg);
         if let (Some(t), Some(think)) = (&tok, verifier::think_text(response)) {
             verdict.diagnostics.think_tokens = Some(t.encode(think)?.len());
@@ -382,7 +451,10 @@ fn score(a: ScoreArgs) -> Result<()> {
         let obj = v.as_object_mut().expect("checked object");
         obj.insert("reward".into(), json!(verdict.reward));
         obj.insert("format_ok".into(), json!(verdict.format_ok));
-        obj.insert("extracted".into(), json!(verdict.extracted.map(String::from)));
+        obj.insert(
+            "extracted".into(),
+            json!(verdict.extracted.map(String::from)),
+        );
         obj.insert("correct".into(), json!(verdict.correct));
         obj.insert("stage".into(), json!(verdict.stage));
         if let serde_json::Value::Object(d) = serde_json::to_value(&verdict.diagnostics)? {
@@ -412,11 +484,19 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     let out = a.out.unwrap_or_else(crate::trainer::default_out_dir);
     eprintln!("run folder: {}", out.display());
     let metrics = crate::trainer::run::<B>(cfg, &out, device, a.quiet)?;
-    let first = metrics.first().and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
-    let last = metrics.last().and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
+    let first = metrics
+        .first()
+        .and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
+    let last = metrics
+        .last()
+        .and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
     if let (Some((a0, f0)), Some((a1, f1))) = (first, last) {
         eprintln!("held-out accuracy {a0:.3} -> {a1:.3}, format rate {f0:.3} -> {f1:.3}");
     }
-    eprintln!("metrics: {}, final model: {}", out.join("metrics.jsonl").display(), out.join("final").display());
+    eprintln!(
+        "metrics: {}, final model: {}",
+        out.join("metrics.jsonl").display(),
+        out.join("final").display()
+    );
     Ok(())
 }

@@ -15,7 +15,7 @@ use crate::verifier::VerifierConfig;
 /// The embedded default: the demo model and task in `assets/demo`, learning in minutes on a CPU.
 pub const DEMO_PRESET: &str = include_str!("../assets/presets/demo.toml");
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub seed: u64,
@@ -125,7 +125,10 @@ pub struct LoopConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { path: PathBuf::new(), logprob_chunk: 64 }
+        Self {
+            path: PathBuf::new(),
+            logprob_chunk: 64,
+        }
     }
 }
 
@@ -199,21 +202,11 @@ impl Default for OptimConfig {
 
 impl Default for LoopConfig {
     fn default() -> Self {
-        Self { steps: 0, epochs: 1, eval_every: 0, samples_per_step: 4 }
-    }
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
         Self {
-            seed: 0,
-            model: ModelConfig::default(),
-            data: DataConfig::default(),
-            rollout: RolloutConfig::default(),
-            ppo: PpoConfig::default(),
-            optim: OptimConfig::default(),
-            train: LoopConfig::default(),
-            verifier: VerifierConfig::default(),
+            steps: 0,
+            epochs: 1,
+            eval_every: 0,
+            samples_per_step: 4,
         }
     }
 }
@@ -221,9 +214,12 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Parses TOML text, applies `key=value` overrides, and resolves relative paths against `base`.
     pub fn from_toml(text: &str, origin: &str, overrides: &[String], base: &Path) -> Result<Self> {
-        let mut value: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{origin}: invalid TOML: {e}"))?;
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow!("{origin}: invalid TOML: {e}"))?;
         for o in overrides {
-            let (key, raw) = o.split_once('=').ok_or_else(|| anyhow!("--set {o}: expected key=value"))?;
+            let (key, raw) = o
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--set {o}: expected key=value"))?;
             set_dotted(&mut value, key.trim(), parse_literal(raw.trim()))
                 .with_context(|| format!("--set {o}"))?;
         }
@@ -248,11 +244,17 @@ impl TrainConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("{}: cannot read", p.display()))?;
                 let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
                 Self::from_toml(&text, &p.display().to_string(), overrides, &base)
             }
-            None => Self::from_toml(DEMO_PRESET, "embedded demo preset", overrides, &crate::demo::assets_dir()),
+            None => Self::from_toml(
+                DEMO_PRESET,
+                "embedded demo preset",
+                overrides,
+                &crate::demo::assets_dir(),
+            ),
         }
     }
 
@@ -262,13 +264,30 @@ impl TrainConfig {
             return Err("rollout.prompts_per_step and rollout.n must be positive".into());
         }
         if p.train_batch == 0 || p.micro_batch == 0 || p.ppo_epochs == 0 {
-            return Err("ppo.train_batch, ppo.micro_batch and ppo.ppo_epochs must be positive".into());
+            return Err(
+                "ppo.train_batch, ppo.micro_batch and ppo.ppo_epochs must be positive".into(),
+            );
         }
         if !(self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0) {
-            return Err(format!("rollout.top_p must be in (0, 1], got {}", self.rollout.top_p));
+            return Err(format!(
+                "rollout.top_p must be in (0, 1], got {}",
+                self.rollout.top_p
+            ));
         }
-        if p.estimator != Estimator::Gae && self.rollout.n < 2 && matches!(p.estimator, Estimator::Grpo | Estimator::DrGrpo | Estimator::Rloo | Estimator::ReinforcePpBaseline) {
-            return Err(format!("ppo.estimator {:?} needs rollout.n >= 2 samples per prompt", p.estimator));
+        if p.estimator != Estimator::Gae
+            && self.rollout.n < 2
+            && matches!(
+                p.estimator,
+                Estimator::Grpo
+                    | Estimator::DrGrpo
+                    | Estimator::Rloo
+                    | Estimator::ReinforcePpBaseline
+            )
+        {
+            return Err(format!(
+                "ppo.estimator {:?} needs rollout.n >= 2 samples per prompt",
+                p.estimator
+            ));
         }
         Ok(())
     }
@@ -283,10 +302,15 @@ fn parse_literal(raw: &str) -> toml::Value {
 
 fn set_dotted(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
     let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| anyhow!("empty key"))?;
+    let last = parts
+        .pop()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| anyhow!("empty key"))?;
     let mut t = table;
     for p in parts {
-        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
         t = match entry {
             toml::Value::Table(t) => t,
             _ => bail!("`{p}` is not a table"),

@@ -24,14 +24,22 @@ impl<B: Backend> Critic<B> {
         Self {
             backbone,
             value_head: Linear {
-                weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [hidden, 1]), device)),
+                weight: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(w, [hidden, 1]),
+                    device,
+                )),
                 bias: None,
             },
         }
     }
 
     /// `V` at every position `[b, t]`.
-    pub fn values(&self, tokens: Tensor<B, 2, Int>, positions: Tensor<B, 2, Int>, valid: Tensor<B, 2, Bool>) -> Tensor<B, 2> {
+    pub fn values(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: Tensor<B, 2, Int>,
+        valid: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 2> {
         let h = self.backbone.hidden(tokens, positions, valid, None);
         self.value_head.forward(h).squeeze_dim::<2>(2)
     }

@@ -39,21 +39,51 @@ pub fn assets_dir() -> PathBuf {
 }
 
 pub const FACTS: [(&str, &str); 16] = [
-    ("crushing chest pain radiating to the left arm", "Myocardial infarction"),
+    (
+        "crushing chest pain radiating to the left arm",
+        "Myocardial infarction",
+    ),
     ("polyuria, polydipsia and weight loss", "Diabetes mellitus"),
-    ("fever, neck stiffness and photophobia", "Bacterial meningitis"),
+    (
+        "fever, neck stiffness and photophobia",
+        "Bacterial meningitis",
+    ),
     ("episodic wheezing relieved by an inhaler", "Asthma"),
-    ("heat intolerance, tremor and weight loss", "Hyperthyroidism"),
-    ("cold intolerance, weight gain and constipation", "Hypothyroidism"),
-    ("a malar rash and joint pain", "Systemic lupus erythematosus"),
+    (
+        "heat intolerance, tremor and weight loss",
+        "Hyperthyroidism",
+    ),
+    (
+        "cold intolerance, weight gain and constipation",
+        "Hypothyroidism",
+    ),
+    (
+        "a malar rash and joint pain",
+        "Systemic lupus erythematosus",
+    ),
     ("a resting tremor and a shuffling gait", "Parkinson disease"),
-    ("right lower quadrant pain with rebound tenderness", "Appendicitis"),
-    ("fatigue, pallor and a low ferritin", "Iron deficiency anemia"),
+    (
+        "right lower quadrant pain with rebound tenderness",
+        "Appendicitis",
+    ),
+    (
+        "fatigue, pallor and a low ferritin",
+        "Iron deficiency anemia",
+    ),
     ("a sudden painful swollen big toe", "Gout"),
-    ("unilateral leg swelling after a long flight", "Deep vein thrombosis"),
+    (
+        "unilateral leg swelling after a long flight",
+        "Deep vein thrombosis",
+    ),
     ("epigastric pain relieved by meals", "Duodenal ulcer"),
-    ("painless hematuria after decades of smoking", "Bladder cancer"),
-    ("productive cough, fever and lobar consolidation", "Pneumonia"),
+    (
+        "painless hematuria after decades of smoking",
+        "Bladder cancer",
+    ),
+    (
+        "productive cough, fever and lobar consolidation",
+        "Pneumonia",
+    ),
     ("jaundice after eating fava beans", "G6PD deficiency"),
 ];
 
@@ -90,17 +120,27 @@ const GOLD_SHARE: f64 = 0.15;
 
 /// A warm-start reply for `item` drawn from the mixture in the module doc.
 fn warm_reply(item: &McqaItem, rng: &mut StdRng) -> String {
-    let pick = if rng.random_bool(GOLD_SHARE) { item.gold_index() } else { rng.random_range(0..item.options.len()) };
+    let pick = if rng.random_bool(GOLD_SHARE) {
+        item.gold_index()
+    } else {
+        rng.random_range(0..item.options.len())
+    };
     let letter = McqaItem::letter(pick);
     if rng.random_bool(UNFORMATTED_SHARE) {
         format!(" The answer is {letter}.")
     } else {
-        format!(" <think> The findings suggest {}. </think><answer> {letter} </answer>", item.options[pick])
+        format!(
+            " <think> The findings suggest {}. </think><answer> {letter} </answer>",
+            item.options[pick]
+        )
     }
 }
 
 fn write_jsonl(path: &Path, items: &[McqaItem]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?);
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path)
+            .with_context(|| format!("{}: cannot create", path.display()))?,
+    );
     for it in items {
         let line = json!({"id": it.id, "question": it.question, "options": it.options, "answer": it.answer.to_string(), "category": it.category});
         writeln!(f, "{line}")?;
@@ -148,13 +188,19 @@ fn train_tokenizer(corpus: &[String], out: &Path) -> Result<()> {
     tok.train_from_files(&mut trainer, vec![tmp.display().to_string()])
         .map_err(|e| anyhow::anyhow!("tokenizer training failed: {e}"))?;
     tok.add_special_tokens(&[AddedToken::from(ENDOFTEXT, true)]);
-    tok.save(out, false).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    tok.save(out, false)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     std::fs::remove_file(&tmp)?;
     Ok(())
 }
 
 /// Builds the demo task and model into `out` (`train.jsonl`, `test.jsonl`, `model/`).
-pub fn build<B: AutodiffBackend>(out: &Path, seed: u64, sft_epochs: usize, device: &B::Device) -> Result<()> {
+pub fn build<B: AutodiffBackend>(
+    out: &Path,
+    seed: u64,
+    sft_epochs: usize,
+    device: &B::Device,
+) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let train = synthetic_items(480, &mut rng, "train");
     let test = synthetic_items(120, &mut rng, "test");
@@ -163,7 +209,12 @@ pub fn build<B: AutodiffBackend>(out: &Path, seed: u64, sft_epochs: usize, devic
     write_jsonl(&out.join("test.jsonl"), &test)?;
     let replies: Vec<(String, String)> = train
         .iter()
-        .map(|it| (prompt::render(it, PromptStyle::R1), warm_reply(it, &mut rng)))
+        .map(|it| {
+            (
+                prompt::render(it, PromptStyle::R1),
+                warm_reply(it, &mut rng),
+            )
+        })
         .collect();
     let corpus: Vec<String> = replies.iter().map(|(p, r)| format!("{p}{r}")).collect();
     let tok_path = out.join("model/tokenizer.json");
@@ -184,7 +235,10 @@ pub fn build<B: AutodiffBackend>(out: &Path, seed: u64, sft_epochs: usize, devic
         epochs: sft_epochs,
         batch: 16,
         lr: 3e-3,
-        optim: OptimConfig { weight_decay: 0.0, ..OptimConfig::default() },
+        optim: OptimConfig {
+            weight_decay: 0.0,
+            ..OptimConfig::default()
+        },
         seed,
         logprob_chunk: 64,
     };
@@ -193,7 +247,17 @@ pub fn build<B: AutodiffBackend>(out: &Path, seed: u64, sft_epochs: usize, devic
             eprintln!("warm start step {:4}  loss {:.4}", s.step, s.loss);
         }
     })?;
-    eprintln!("warm start done: {} steps, final loss {:.4}", hist.len(), hist.last().map_or(f64::NAN, |s| s.loss));
-    save_qwen2(&model.valid(), &config, &out.join("model"), SaveDtype::F32, usize::MAX)?;
+    eprintln!(
+        "warm start done: {} steps, final loss {:.4}",
+        hist.len(),
+        hist.last().map_or(f64::NAN, |s| s.loss)
+    );
+    save_qwen2(
+        &model.valid(),
+        &config,
+        &out.join("model"),
+        SaveDtype::F32,
+        usize::MAX,
+    )?;
     Ok(())
 }

@@ -24,32 +24,61 @@ pub struct Generation {
     pub verdict: Verdict,
 }
 
-/// Generates `params.n` replies per item in batches of `batch` prompts and scores them. With the
-/// direct template, a reply is scored by its first letter (format is not asked for).
+/// How to generate and score.
+#[derive(Debug, Clone)]
+pub struct ScoreSettings {
+    pub style: PromptStyle,
+    pub sampling: SamplingParams,
+    pub verifier: VerifierConfig,
+    /// Prompts per sampler batch.
+    pub batch: usize,
+}
+
+/// Generates `sampling.n` replies per item in batches and scores them. With the direct template, a
+/// reply is scored by its first letter (format is not asked for).
 pub fn generate_and_score<B: Backend>(
     model: &Qwen2<B>,
     config: &Qwen2Config,
     tok: &Tokenizer,
     items: &[McqaItem],
-    style: PromptStyle,
-    params: &SamplingParams,
-    vcfg: &VerifierConfig,
-    batch: usize,
+    settings: &ScoreSettings,
     device: &B::Device,
 ) -> Result<Vec<Generation>> {
+    let (style, params, vcfg, batch) = (
+        settings.style,
+        &settings.sampling,
+        &settings.verifier,
+        settings.batch,
+    );
     let mut out = Vec::with_capacity(items.len() * params.n);
     for (c, chunk) in items.chunks(batch.max(1)).enumerate() {
         let prompts = chunk
             .iter()
             .map(|it| tok.encode(&prompt::render(it, style)))
             .collect::<Result<Vec<_>>>()?;
-        let samples = sampler::generate_from(model, config, &prompts, c * batch.max(1), params, tok, device);
+        let samples = sampler::generate_from(
+            model,
+            config,
+            &prompts,
+            c * batch.max(1),
+            params,
+            tok,
+            device,
+        );
         for s in samples {
             let item = &chunk[s.prompt_index];
             let response = tok.decode(&s.output_ids);
             let verdict = match style {
-                PromptStyle::R1 => verifier::verify(&response, item.answer, item.num_options(), Some(item.gold_text()), vcfg),
-                PromptStyle::Direct => verifier::verify_direct(&response, item.answer, item.num_options()),
+                PromptStyle::R1 => verifier::verify(
+                    &response,
+                    item.answer,
+                    item.num_options(),
+                    Some(item.gold_text()),
+                    vcfg,
+                ),
+                PromptStyle::Direct => {
+                    verifier::verify_direct(&response, item.answer, item.num_options())
+                }
             };
             out.push(Generation {
                 id: item.id.clone(),

@@ -43,7 +43,11 @@ impl Batch {
         let p = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
         let r = rows.iter().map(|r| r.1.len()).max().unwrap_or(1).max(1);
         let w = p + r;
-        let (mut tokens, mut positions, mut valid) = (Vec::with_capacity(b * w), Vec::with_capacity(b * w), Vec::with_capacity(b * w));
+        let (mut tokens, mut positions, mut valid) = (
+            Vec::with_capacity(b * w),
+            Vec::with_capacity(b * w),
+            Vec::with_capacity(b * w),
+        );
         let mut targets = Vec::with_capacity(b * r);
         let mut mask = Vec::with_capacity(b);
         for (prompt, resp) in rows {
@@ -59,17 +63,42 @@ impl Batch {
             tokens.extend(std::iter::repeat_n(0, tail));
             positions.extend(std::iter::repeat_n(n as i64, tail));
             valid.extend(std::iter::repeat_n(false, tail));
-            targets.extend(resp.iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, tail)));
-            mask.push((0..r).map(|j| if j < resp.len() { 1.0 } else { 0.0 }).collect());
+            targets.extend(
+                resp.iter()
+                    .map(|&t| t as i64)
+                    .chain(std::iter::repeat_n(0, tail)),
+            );
+            mask.push(
+                (0..r)
+                    .map(|j| if j < resp.len() { 1.0 } else { 0.0 })
+                    .collect(),
+            );
         }
-        Self { b, p, r, tokens, positions, valid, targets, mask }
+        Self {
+            b,
+            p,
+            r,
+            tokens,
+            positions,
+            valid,
+            targets,
+            mask,
+        }
     }
 
     /// Model inputs for columns `0 .. P + R − 1` (the last column predicts nothing we need).
-    fn inputs<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
+    fn inputs<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
         let (b, w) = (self.b, self.p + self.r);
-        let cut = |v: &[i64]| -> Vec<i64> { v.chunks(w).flat_map(|row| row[..w - 1].to_vec()).collect() };
-        let valid: Vec<bool> = self.valid.chunks(w).flat_map(|row| row[..w - 1].to_vec()).collect();
+        let cut =
+            |v: &[i64]| -> Vec<i64> { v.chunks(w).flat_map(|row| row[..w - 1].to_vec()).collect() };
+        let valid: Vec<bool> = self
+            .valid
+            .chunks(w)
+            .flat_map(|row| row[..w - 1].to_vec())
+            .collect();
         (
             Tensor::from_data(TensorData::new(cut(&self.tokens), [b, w - 1]), device),
             Tensor::from_data(TensorData::new(cut(&self.positions), [b, w - 1]), device),
@@ -78,19 +107,29 @@ impl Batch {
     }
 
     /// `log π(response token j)` for every row, `[b, r]` (padding positions hold junk; mask them).
-    pub fn logprobs<B: Backend>(&self, model: &Qwen2<B>, chunk: usize, device: &B::Device) -> Tensor<B, 2> {
+    pub fn logprobs<B: Backend>(
+        &self,
+        model: &Qwen2<B>,
+        chunk: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
         let (tokens, positions, valid) = self.inputs::<B>(device);
         let h = model.hidden(tokens, positions, valid, None);
         let d = h.dims()[2];
         let h = h.slice([0..self.b, self.p - 1..self.p - 1 + self.r, 0..d]);
-        let targets = Tensor::from_data(TensorData::new(self.targets.clone(), [self.b, self.r]), device);
+        let targets = Tensor::from_data(
+            TensorData::new(self.targets.clone(), [self.b, self.r]),
+            device,
+        );
         model.token_logprobs(h, targets, chunk)
     }
 
     /// Critic values `V_j` for every response position, `[b, r]`.
     pub fn values<B: Backend>(&self, critic: &Critic<B>, device: &B::Device) -> Tensor<B, 2> {
         let (tokens, positions, valid) = self.inputs::<B>(device);
-        critic.values(tokens, positions, valid).slice([0..self.b, self.p - 1..self.p - 1 + self.r])
+        critic
+            .values(tokens, positions, valid)
+            .slice([0..self.b, self.p - 1..self.p - 1 + self.r])
     }
 
     /// The response mask as a tensor.
@@ -121,5 +160,8 @@ pub fn pad_rows(rows: &[&[f64]], r: usize) -> Grid {
 pub fn ragged<B: Backend>(t: Tensor<B, 2>, lens: &[usize]) -> Vec<Vec<f64>> {
     let r = t.dims()[1];
     let flat: Vec<f64> = t.into_data().iter::<f64>().collect();
-    lens.iter().enumerate().map(|(i, &n)| flat[i * r..i * r + n].to_vec()).collect()
+    lens.iter()
+        .enumerate()
+        .map(|(i, &n)| flat[i * r..i * r + n].to_vec())
+        .collect()
 }

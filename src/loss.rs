@@ -15,7 +15,11 @@ pub enum Aggregation {
 }
 
 /// `agg(x, m)`: `mean_i (Σ_t x·m / Σ_t m)` or `Σ x·m / Σ m` (empty rows count as zero).
-pub fn aggregate<B: Backend>(x: Tensor<B, 2>, mask: Tensor<B, 2>, agg: Aggregation) -> Tensor<B, 1> {
+pub fn aggregate<B: Backend>(
+    x: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    agg: Aggregation,
+) -> Tensor<B, 1> {
     let xm = x * mask.clone();
     match agg {
         Aggregation::SeqMeanTokenMean => {
@@ -43,7 +47,8 @@ pub fn policy_loss<B: Backend>(
     let surr1 = ratio.clone() * advantages.clone();
     let surr2 = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages;
     let clipped = surr2.clone().lower(surr1.clone()).float() * mask.clone();
-    let clip_frac = (clipped.sum().into_scalar_f64()) / mask.clone().sum().into_scalar_f64().max(1.0);
+    let clip_frac =
+        (clipped.sum().into_scalar_f64()) / mask.clone().sum().into_scalar_f64().max(1.0);
     let loss = surr1.min_pair(surr2).neg();
     (aggregate(loss, mask, agg), clip_frac)
 }
@@ -74,7 +79,12 @@ pub fn value_loss<B: Backend>(
 
 /// The k3 KL *loss* (GRPO style): `agg(exp(log π_ref − log π) − 1 − (log π_ref − log π))`, with
 /// gradients flowing into `log π`.
-pub fn kl_loss<B: Backend>(logp: Tensor<B, 2>, ref_logp: Tensor<B, 2>, mask: Tensor<B, 2>, agg: Aggregation) -> Tensor<B, 1> {
+pub fn kl_loss<B: Backend>(
+    logp: Tensor<B, 2>,
+    ref_logp: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    agg: Aggregation,
+) -> Tensor<B, 1> {
     let d = (ref_logp - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO);
     let k3 = d.clone().exp() - 1.0 - d;
     aggregate(k3, mask, agg)

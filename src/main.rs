@@ -10,7 +10,10 @@ type Inner = burn::backend::Cuda;
 type Inner = burn::backend::Wgpu;
 #[cfg(all(feature = "flex", not(any(feature = "cuda", feature = "wgpu"))))]
 type Inner = burn::backend::Flex;
-#[cfg(all(feature = "ndarray", not(any(feature = "cuda", feature = "wgpu", feature = "flex"))))]
+#[cfg(all(
+    feature = "ndarray",
+    not(any(feature = "cuda", feature = "wgpu", feature = "flex"))
+))]
 type Inner = burn::backend::NdArray<f32>;
 
 type Backend = burn::backend::Autodiff<Inner>;
@@ -18,7 +21,9 @@ type Backend = burn::backend::Autodiff<Inner>;
 /// GPU backends panic deep inside the runtime when no device or driver is present; turn that into
 /// one clear message.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-fn check_device(device: &<Inner as burn::tensor::backend::BackendTypes>::Device) -> Result<(), String> {
+fn check_device(
+    device: &<Inner as burn::tensor::backend::BackendTypes>::Device,
+) -> Result<(), String> {
     use burn::tensor::Tensor;
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
@@ -36,7 +41,11 @@ fn check_device(device: &<Inner as burn::tensor::backend::BackendTypes>::Device)
         format!(
             "this binary was built with --features {} but no usable GPU was found ({first}); \
              run on a machine with a GPU and driver, or build without that feature for the CPU",
-            if cfg!(feature = "cuda") { "cuda" } else { "wgpu" }
+            if cfg!(feature = "cuda") {
+                "cuda"
+            } else {
+                "wgpu"
+            }
         )
     })
 }

@@ -21,7 +21,13 @@ pub fn adamw(c: &OptimConfig) -> AdamWConfig {
 /// Learning rate at optimizer step `step` of `total`: linear warm-up over `⌈warmup_ratio·total⌉`
 /// steps, then cosine decay from `peak` to `min_lr_ratio·peak`:
 /// `lr = floor + (peak − floor)·½(1 + cos(π·progress))`.
-pub fn cosine_lr(peak: f64, step: usize, total: usize, warmup_ratio: f64, min_lr_ratio: f64) -> f64 {
+pub fn cosine_lr(
+    peak: f64,
+    step: usize,
+    total: usize,
+    warmup_ratio: f64,
+    min_lr_ratio: f64,
+) -> f64 {
     let warmup = (warmup_ratio * total as f64).ceil() as usize;
     if step < warmup {
         return peak * (step + 1) as f64 / warmup as f64;
@@ -43,7 +49,14 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for ParamIds {
 fn grad_sq<B: AutodiffBackend, const D: usize>(grads: &GradientsParams, id: ParamId) -> f64 {
     grads
         .get::<B::InnerBackend, D>(id)
-        .map(|g| g.powi_scalar(2).sum().into_data().iter::<f64>().next().unwrap_or(0.0))
+        .map(|g| {
+            g.powi_scalar(2)
+                .sum()
+                .into_data()
+                .iter::<f64>()
+                .next()
+                .unwrap_or(0.0)
+        })
         .unwrap_or(0.0)
 }
 
@@ -56,7 +69,11 @@ fn scale<B: AutodiffBackend, const D: usize>(grads: &mut GradientsParams, id: Pa
 /// Global L2 norm of all gradients of `module`'s parameters, `‖g‖ = √Σ‖g_p‖²`; when it exceeds
 /// `max_norm > 0`, every gradient is multiplied by `max_norm / (‖g‖ + 1e-6)` (PyTorch's
 /// `clip_grad_norm_`). Returns the norm before clipping.
-pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> f64 {
     let mut ids = ParamIds(Vec::new());
     module.visit(&mut ids);
     let mut sq = 0.0;

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 /// Every row of `path`, each as a JSON object keyed by column name.
 pub fn read(path: &Path) -> Result<Vec<Value>> {
-    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let reader = SerializedFileReader::new(f)
         .map_err(|e| anyhow!("{}: not a readable parquet file: {e}", path.display()))?;
     let rows = reader

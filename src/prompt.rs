@@ -22,7 +22,9 @@ pub const R1_TEMPLATE: &str = "A conversation between User and Assistant. The us
 pub const INSTRUCTION: &str = "Answer with just one of the letters from the options below.";
 
 /// Which template.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum PromptStyle {
     /// The paper's reasoning template (think + answer tags).

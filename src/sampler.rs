@@ -249,7 +249,12 @@ pub fn generate_from<B: Backend>(
     let mut last = hidden.slice([0..b, width - 1..width, 0..h]);
     let mut active: Vec<Row> = rows;
     let mut done: Vec<Sample> = Vec::new();
-    let max_stop = params.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
+    let max_stop = params
+        .stop_strings
+        .iter()
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(0);
     loop {
         let logits = model.logits(last).into_data().convert::<f32>();
         let logits = logits.as_slice::<f32>().expect("f32 logits");
@@ -265,7 +270,10 @@ pub fn generate_from<B: Backend>(
                 draw(&dist, &mut row.rng)
             };
             let lsm = log_softmax(z);
-            let entropy = -lsm.iter().map(|&l| (l as f64).exp() * l as f64).sum::<f64>();
+            let entropy = -lsm
+                .iter()
+                .map(|&l| (l as f64).exp() * l as f64)
+                .sum::<f64>();
             row.out.output_ids.push(tok);
             row.out.logprobs.push(lsm[tok as usize]);
             row.out.entropies.push(entropy as f32);
@@ -277,7 +285,10 @@ pub fn generate_from<B: Backend>(
                 // A stop string completed by this token lies within the last `max_stop` tokens.
                 let from = n_out.saturating_sub(max_stop + 1);
                 let tail = detok.detokenize(&row.out.output_ids[from..]);
-                params.stop_strings.iter().any(|s| tail.contains(s.as_str()))
+                params
+                    .stop_strings
+                    .iter()
+                    .any(|s| tail.contains(s.as_str()))
             } {
                 Some(FinishReason::StopString)
             } else if n_out >= params.max_new_tokens {

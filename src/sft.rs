@@ -56,16 +56,40 @@ pub fn train<B: AutodiffBackend>(
         let mut order: Vec<usize> = (0..pairs.len()).collect();
         order.shuffle(&mut rng);
         for idx in order.chunks(cfg.batch.max(1)) {
-            let rows: Vec<(&[u32], &[u32])> = idx.iter().map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice())).collect();
+            let rows: Vec<(&[u32], &[u32])> = idx
+                .iter()
+                .map(|&i| (pairs[i].0.as_slice(), pairs[i].1.as_slice()))
+                .collect();
             let batch = Batch::new(&rows);
             let logp = batch.logprobs(&model, cfg.logprob_chunk, device);
-            let loss = aggregate(logp.neg(), batch.mask_tensor(device), Aggregation::TokenMean);
-            let value = loss.clone().into_data().iter::<f64>().next().unwrap_or(f64::NAN);
+            let loss = aggregate(
+                logp.neg(),
+                batch.mask_tensor(device),
+                Aggregation::TokenMean,
+            );
+            let value = loss
+                .clone()
+                .into_data()
+                .iter::<f64>()
+                .next()
+                .unwrap_or(f64::NAN);
             let mut grads = GradientsParams::from_grads(loss.backward(), &model);
             let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
-            let lr = cosine_lr(cfg.lr, step, total, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio);
+            let lr = cosine_lr(
+                cfg.lr,
+                step,
+                total,
+                cfg.optim.warmup_ratio,
+                cfg.optim.min_lr_ratio,
+            );
             model = optim.step(lr, model, grads);
-            let rec = SftStep { step, epoch, loss: value, grad_norm, lr };
+            let rec = SftStep {
+                step,
+                epoch,
+                loss: value,
+                grad_norm,
+                lr,
+            };
             on_step(&rec);
             history.push(rec);
             step += 1;
@@ -75,15 +99,27 @@ pub fn train<B: AutodiffBackend>(
 }
 
 /// Mean target-token negative log-likelihood of `pairs` (no gradients).
-pub fn eval_loss<B: AutodiffBackend>(model: &Qwen2<B>, pairs: &[(Vec<u32>, Vec<u32>)], chunk: usize, device: &B::Device) -> f64 {
+pub fn eval_loss<B: AutodiffBackend>(
+    model: &Qwen2<B>,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    chunk: usize,
+    device: &B::Device,
+) -> f64 {
     let inner = model.valid();
     let (mut sum, mut n) = (0.0, 0.0);
     for group in pairs.chunks(16) {
-        let rows: Vec<(&[u32], &[u32])> = group.iter().map(|p| (p.0.as_slice(), p.1.as_slice())).collect();
+        let rows: Vec<(&[u32], &[u32])> = group
+            .iter()
+            .map(|p| (p.0.as_slice(), p.1.as_slice()))
+            .collect();
         let batch = Batch::new(&rows);
         let logp = batch.logprobs(&inner, chunk, device);
         let tokens: f64 = batch.mask.iter().flatten().sum();
-        let l = aggregate(logp.neg(), batch.mask_tensor(device), Aggregation::TokenMean);
+        let l = aggregate(
+            logp.neg(),
+            batch.mask_tensor(device),
+            Aggregation::TokenMean,
+        );
         sum += l.into_data().iter::<f64>().next().unwrap_or(f64::NAN) * tokens;
         n += tokens;
     }

@@ -92,7 +92,10 @@ pub fn load(path: &Path, format: DataFormat, opts: &LoadOptions) -> Result<Datas
     };
     let rows: Vec<(usize, Result<Value, String>)> = if is_parquet {
         if format != DataFormat::MmluPro {
-            bail!("{}: parquet input is only supported for --format mmlu-pro", path.display());
+            bail!(
+                "{}: parquet input is only supported for --format mmlu-pro",
+                path.display()
+            );
         }
         crate::parquet_rows::read(path)?
             .into_iter()
@@ -115,7 +118,10 @@ pub fn load(path: &Path, format: DataFormat, opts: &LoadOptions) -> Result<Datas
                 }
                 if opts.none_of_the_above {
                     if item.options.len() >= LETTERS.len() {
-                        return Err(anyhow!("{}:{line}: too many options to add one", path.display()));
+                        return Err(anyhow!(
+                            "{}:{line}: too many options to add one",
+                            path.display()
+                        ));
                     }
                     item.options.push(NONE_OF_THE_ABOVE.to_string());
                 }
@@ -133,7 +139,8 @@ pub fn load(path: &Path, format: DataFormat, opts: &LoadOptions) -> Result<Datas
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<(usize, Result<Value, String>)>> {
-    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let line = line.with_context(|| format!("{}:{}: cannot read", path.display(), i + 1))?;
@@ -153,7 +160,12 @@ fn detect_jsonl(path: &Path) -> Result<DataFormat> {
     let first = rows
         .iter()
         .find_map(|(_, r)| r.as_ref().ok())
-        .ok_or_else(|| anyhow!("{}: no valid JSON line to detect the format from", path.display()))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no valid JSON line to detect the format from",
+                path.display()
+            )
+        })?;
     Ok(if first.get("answer_idx").is_some() {
         DataFormat::Medqa
     } else if first.get("question_id").is_some() || first.get("answer_index").is_some() {
@@ -180,7 +192,11 @@ fn option_list(v: &Value) -> Result<Vec<String>, String> {
         return Err("no options".into());
     }
     arr.iter()
-        .map(|o| o.as_str().map(str::to_string).ok_or_else(|| "an option is not a string".to_string()))
+        .map(|o| {
+            o.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| "an option is not a string".to_string())
+        })
         .collect()
 }
 
@@ -228,7 +244,10 @@ fn parse_row(v: &Value, format: DataFormat, line: usize) -> Result<McqaItem, Str
                     return Err(format!("`answer` text disagrees with options[{answer}]"));
                 }
             }
-            let category = v.get("meta_info").and_then(Value::as_str).map(str::to_string);
+            let category = v
+                .get("meta_info")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             (format!("medqa-{line}"), options, answer, category, None)
         }
         DataFormat::MmluPro => {
@@ -243,7 +262,10 @@ fn parse_row(v: &Value, format: DataFormat, line: usize) -> Result<McqaItem, Str
                 .get("question_id")
                 .map(|x| x.to_string().trim_matches('"').to_string())
                 .unwrap_or_else(|| format!("mmlu-pro-{line}"));
-            let category = v.get("category").and_then(Value::as_str).map(str::to_string);
+            let category = v
+                .get("category")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             let source = v.get("src").and_then(Value::as_str).map(str::to_string);
             (id, options, answer, category, source)
         }
@@ -252,9 +274,15 @@ fn parse_row(v: &Value, format: DataFormat, line: usize) -> Result<McqaItem, Str
             let answer = match v.get("answer") {
                 Some(Value::String(s)) => letter_of(s, options.len())?,
                 Some(Value::Number(n)) => {
-                    let i = n.as_u64().ok_or("answer index is not a non-negative integer")? as usize;
+                    let i = n
+                        .as_u64()
+                        .ok_or("answer index is not a non-negative integer")?
+                        as usize;
                     if i >= options.len() {
-                        return Err(format!("answer index {i} is out of range for {} options", options.len()));
+                        return Err(format!(
+                            "answer index {i} is out of range for {} options",
+                            options.len()
+                        ));
                     }
                     McqaItem::letter(i)
                 }
@@ -264,12 +292,19 @@ fn parse_row(v: &Value, format: DataFormat, line: usize) -> Result<McqaItem, Str
                 .get("id")
                 .map(|x| x.to_string().trim_matches('"').to_string())
                 .unwrap_or_else(|| format!("item-{line}"));
-            let category = v.get("category").and_then(Value::as_str).map(str::to_string);
+            let category = v
+                .get("category")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             (id, options, answer, category, None)
         }
     };
     if options.len() > LETTERS.len() {
-        return Err(format!("{} options (at most {})", options.len(), LETTERS.len()));
+        return Err(format!(
+            "{} options (at most {})",
+            options.len(),
+            LETTERS.len()
+        ));
     }
     Ok(McqaItem {
         id,

@@ -19,7 +19,10 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            return Err(anyhow!("{}: tokenizer.json not found in the model folder", path.display()));
+            return Err(anyhow!(
+                "{}: tokenizer.json not found in the model folder",
+                path.display()
+            ));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;

@@ -95,7 +95,11 @@ fn load_items(path: &Path, cfg: &TrainConfig) -> Result<Vec<McqaItem>> {
     };
     let ds = task::load(path, cfg.data.format, &opts)?;
     if !ds.skipped.is_empty() {
-        eprintln!("{}: skipped {} malformed rows", path.display(), ds.skipped.len());
+        eprintln!(
+            "{}: skipped {} malformed rows",
+            path.display(),
+            ds.skipped.len()
+        );
     }
     if ds.items.is_empty() {
         bail!("{}: no items (after the category filter)", path.display());
@@ -109,7 +113,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         let tok = Tokenizer::from_dir(dir)?;
         let (model_config, actor) = load_qwen2::<B>(dir, &device)?;
         let reference = actor.valid();
-        let critic = (cfg.ppo.estimator == Estimator::Gae).then(|| Critic::new(actor.clone(), cfg.seed, &device));
+        let critic = (cfg.ppo.estimator == Estimator::Gae)
+            .then(|| Critic::new(actor.clone(), cfg.seed, &device));
         let train_items = load_items(&cfg.data.train, &cfg)?;
         let mut eval_items = match &cfg.data.eval {
             Some(p) => load_items(p, &cfg)?,
@@ -123,9 +128,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             .map(|it| tok.encode(&prompt::render(it, cfg.data.prompt)))
             .collect::<Result<Vec<_>>>()?;
         let per_step = cfg.rollout.prompts_per_step;
-        let total_steps = if cfg.train.steps > 0 { cfg.train.steps } else { (cfg.train.epochs * train_items.len()).div_ceil(per_step) };
+        let total_steps = if cfg.train.steps > 0 {
+            cfg.train.steps
+        } else {
+            (cfg.train.epochs * train_items.len()).div_ceil(per_step)
+        };
         let samples = per_step * cfg.rollout.n;
-        let total_opt_steps = total_steps * cfg.ppo.ppo_epochs * samples.div_ceil(cfg.ppo.train_batch);
+        let total_opt_steps =
+            total_steps * cfg.ppo.ppo_epochs * samples.div_ceil(cfg.ppo.train_batch);
         let eos = tok.eos_id()?;
         let mut t = Self {
             actor_optim: adamw(&cfg.optim).init(),
@@ -156,7 +166,12 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     fn reshuffle(&mut self) {
         self.order = (0..self.train_items.len()).collect();
-        let mut rng = StdRng::seed_from_u64(self.cfg.seed.wrapping_add(self.epoch as u64).wrapping_mul(0x9E37_79B9));
+        let mut rng = StdRng::seed_from_u64(
+            self.cfg
+                .seed
+                .wrapping_add(self.epoch as u64)
+                .wrapping_mul(0x9E37_79B9),
+        );
         self.order.shuffle(&mut rng);
         self.cursor = 0;
     }
@@ -185,22 +200,33 @@ impl<B: AutodiffBackend> Trainer<B> {
             stop_token_ids: vec![self.eos],
             stop_strings: r.stop.clone(),
             n: r.n,
-            seed: self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(self.step as u64),
+            seed: self
+                .cfg
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(self.step as u64),
         }
     }
 
     /// Greedy held-out evaluation: (accuracy, format rate).
     pub fn evaluate(&self) -> Result<(f64, f64)> {
-        let params = SamplingParams { temperature: 0.0, n: 1, ..self.sampling() };
+        let params = SamplingParams {
+            temperature: 0.0,
+            n: 1,
+            ..self.sampling()
+        };
+        let settings = eval::ScoreSettings {
+            style: self.cfg.data.prompt,
+            sampling: params,
+            verifier: self.cfg.verifier.clone(),
+            batch: 64,
+        };
         let gens = eval::generate_and_score(
             &self.actor.valid(),
             &self.model_config,
             &self.tok,
             &self.eval_items,
-            self.cfg.data.prompt,
-            &params,
-            &self.cfg.verifier,
-            64,
+            &settings,
             &self.device,
         )?;
         let s = Summary::from_verdicts(gens.iter().map(|g| &g.verdict));
@@ -215,7 +241,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         let idx = self.next_batch(cfg.rollout.prompts_per_step);
         let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_prompts[i].clone()).collect();
         let inner_actor = self.actor.valid();
-        let samples = sampler::generate(&inner_actor, &self.model_config, &prompts, &self.sampling(), &self.tok, &self.device);
+        let samples = sampler::generate(
+            &inner_actor,
+            &self.model_config,
+            &prompts,
+            &self.sampling(),
+            &self.tok,
+            &self.device,
+        );
         let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
 
         // Rewards.
@@ -224,7 +257,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         for s in &samples {
             let item = &self.train_items[idx[s.prompt_index]];
             let text = self.tok.decode(&s.output_ids);
-            let mut v = verifier::verify(&text, item.answer, item.num_options(), Some(item.gold_text()), &cfg.verifier);
+            let mut v = verifier::verify(
+                &text,
+                item.answer,
+                item.num_options(),
+                Some(item.gold_text()),
+                &cfg.verifier,
+            );
             if let Some(think) = verifier::think_text(&text) {
                 v.diagnostics.think_tokens = Some(self.tok.encode(think)?.len());
             }
@@ -249,12 +288,20 @@ impl<B: AutodiffBackend> Trainer<B> {
 
         // Reference log-probs and critic values, micro-batch by micro-batch (no gradients).
         let inner_critic = self.critic.as_ref().map(|c| c.valid());
-        for group in (0..exps.len()).collect::<Vec<_>>().chunks(cfg.ppo.micro_batch) {
-            let rows: Vec<(&[u32], &[u32])> = group.iter().map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice())).collect();
+        for group in (0..exps.len())
+            .collect::<Vec<_>>()
+            .chunks(cfg.ppo.micro_batch)
+        {
+            let rows: Vec<(&[u32], &[u32])> = group
+                .iter()
+                .map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice()))
+                .collect();
             let lens: Vec<usize> = group.iter().map(|&i| exps[i].response.len()).collect();
             let batch = Batch::new(&rows);
             let ref_lp = ragged(batch.logprobs(&self.reference, chunk, &self.device), &lens);
-            let vals = inner_critic.as_ref().map(|c| ragged(batch.values(c, &self.device), &lens));
+            let vals = inner_critic
+                .as_ref()
+                .map(|c| ragged(batch.values(c, &self.device), &lens));
             for (k, &i) in group.iter().enumerate() {
                 exps[i].ref_logp = ref_lp[k].clone();
                 if let Some(v) = &vals {
@@ -264,24 +311,70 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
 
         // KL-shaped rewards and advantages over the whole rollout batch.
-        let r = exps.iter().map(|e| e.response.len()).max().unwrap_or(1).max(1);
-        let mask: Grid = exps.iter().map(|e| (0..r).map(|j| if j < e.response.len() { 1.0 } else { 0.0 }).collect()).collect();
-        let old = pad_rows(&exps.iter().map(|e| e.old_logp.as_slice()).collect::<Vec<_>>(), r);
-        let reference = pad_rows(&exps.iter().map(|e| e.ref_logp.as_slice()).collect::<Vec<_>>(), r);
-        let kl_est = if cfg.ppo.use_kl_loss { KlEstimator::K3 } else { cfg.ppo.kl_estimator };
+        let r = exps
+            .iter()
+            .map(|e| e.response.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mask: Grid = exps
+            .iter()
+            .map(|e| {
+                (0..r)
+                    .map(|j| if j < e.response.len() { 1.0 } else { 0.0 })
+                    .collect()
+            })
+            .collect();
+        let old = pad_rows(
+            &exps
+                .iter()
+                .map(|e| e.old_logp.as_slice())
+                .collect::<Vec<_>>(),
+            r,
+        );
+        let reference = pad_rows(
+            &exps
+                .iter()
+                .map(|e| e.ref_logp.as_slice())
+                .collect::<Vec<_>>(),
+            r,
+        );
+        let kl_est = if cfg.ppo.use_kl_loss {
+            KlEstimator::K3
+        } else {
+            cfg.ppo.kl_estimator
+        };
         let kl = adv::kl(&old, &reference, &mask, kl_est);
         let k1 = adv::kl(&old, &reference, &mask, KlEstimator::K1);
         let (kl_mean, _) = adv::masked_moments(&k1, &mask);
-        let beta_in_reward = if cfg.ppo.use_kl_loss { 0.0 } else { self.kl_coef };
+        let beta_in_reward = if cfg.ppo.use_kl_loss {
+            0.0
+        } else {
+            self.kl_coef
+        };
         let seq_rewards: Vec<f64> = exps.iter().map(|e| e.reward).collect();
         let (advantages, returns, explained_var) = if cfg.ppo.estimator == Estimator::Gae {
-            let values = pad_rows(&exps.iter().map(|e| e.old_values.as_slice()).collect::<Vec<_>>(), r);
+            let values = pad_rows(
+                &exps
+                    .iter()
+                    .map(|e| e.old_values.as_slice())
+                    .collect::<Vec<_>>(),
+                r,
+            );
             let rewards = adv::token_rewards(&seq_rewards, &kl, &mask, beta_in_reward);
             let (a, g) = adv::gae(&rewards, &values, &mask, cfg.ppo.gamma, cfg.ppo.lambda);
             let ev = adv::explained_variance(&values, &g, &mask);
             (adv::whiten(&a, &mask), g, ev)
         } else {
-            let a = adv::critic_free_advantages(&seq_rewards, cfg.rollout.n, &kl, &mask, beta_in_reward, cfg.ppo.gamma, cfg.ppo.estimator);
+            let a = adv::critic_free_advantages(
+                &seq_rewards,
+                cfg.rollout.n,
+                &kl,
+                &mask,
+                beta_in_reward,
+                cfg.ppo.gamma,
+                cfg.ppo.estimator,
+            );
             (a.clone(), a, 0.0)
         };
         for (i, e) in exps.iter_mut().enumerate() {
@@ -292,55 +385,115 @@ impl<B: AutodiffBackend> Trainer<B> {
 
         // Updates.
         let train_actor = self.step >= cfg.ppo.critic_warmup;
-        let mut rng = StdRng::seed_from_u64(cfg.seed ^ (self.step as u64).wrapping_mul(0x5851_F42D));
-        let (mut pl_sum, mut vl_sum, mut cf_sum, mut gn_sum, mut cgn_sum, mut n_mb, mut n_opt) = (0.0, 0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
+        let mut rng =
+            StdRng::seed_from_u64(cfg.seed ^ (self.step as u64).wrapping_mul(0x5851_F42D));
+        let (mut pl_sum, mut vl_sum, mut cf_sum, mut gn_sum, mut cgn_sum, mut n_mb, mut n_opt) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
         let mut lr = 0.0;
         let mut critic_lr = 0.0;
         for _ in 0..cfg.ppo.ppo_epochs {
             let mut order: Vec<usize> = (0..exps.len()).collect();
             order.shuffle(&mut rng);
             for train_batch in order.chunks(cfg.ppo.train_batch) {
-                let total_tokens: usize = train_batch.iter().map(|&i| exps[i].response.len()).sum::<usize>().max(1);
+                let total_tokens: usize = train_batch
+                    .iter()
+                    .map(|&i| exps[i].response.len())
+                    .sum::<usize>()
+                    .max(1);
                 let mut acc_actor = GradientsAccumulator::<Qwen2<B>>::new();
                 let mut acc_critic = GradientsAccumulator::<Critic<B>>::new();
                 for mb in train_batch.chunks(cfg.ppo.micro_batch) {
-                    let rows: Vec<(&[u32], &[u32])> = mb.iter().map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice())).collect();
+                    let rows: Vec<(&[u32], &[u32])> = mb
+                        .iter()
+                        .map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice()))
+                        .collect();
                     let batch = Batch::new(&rows);
                     let m = batch.mask_tensor::<B>(&self.device);
-                    let take = |f: &dyn Fn(&Experience) -> &[f64]| grid_tensor::<B>(&pad_rows(&mb.iter().map(|&i| f(&exps[i])).collect::<Vec<_>>(), batch.r), &self.device);
+                    let take = |f: &dyn Fn(&Experience) -> &[f64]| {
+                        grid_tensor::<B>(
+                            &pad_rows(
+                                &mb.iter().map(|&i| f(&exps[i])).collect::<Vec<_>>(),
+                                batch.r,
+                            ),
+                            &self.device,
+                        )
+                    };
                     // Weight of this micro-batch in the train-batch mean.
                     let weight = match cfg.ppo.loss_agg {
-                        loss::Aggregation::SeqMeanTokenMean => mb.len() as f64 / train_batch.len() as f64,
-                        loss::Aggregation::TokenMean => mb.iter().map(|&i| exps[i].response.len()).sum::<usize>() as f64 / total_tokens as f64,
+                        loss::Aggregation::SeqMeanTokenMean => {
+                            mb.len() as f64 / train_batch.len() as f64
+                        }
+                        loss::Aggregation::TokenMean => {
+                            mb.iter().map(|&i| exps[i].response.len()).sum::<usize>() as f64
+                                / total_tokens as f64
+                        }
                     };
                     if train_actor {
                         let logp = batch.logprobs(&self.actor, chunk, &self.device);
-                        let (pl, cf) = loss::policy_loss(logp.clone(), take(&|e| &e.old_logp), take(&|e| &e.advantages), m.clone(), cfg.ppo.eps_low, cfg.ppo.eps_high, cfg.ppo.loss_agg);
+                        let (pl, cf) = loss::policy_loss(
+                            logp.clone(),
+                            take(&|e| &e.old_logp),
+                            take(&|e| &e.advantages),
+                            m.clone(),
+                            cfg.ppo.eps_low,
+                            cfg.ppo.eps_high,
+                            cfg.ppo.loss_agg,
+                        );
                         let mut total = pl.clone();
                         if cfg.ppo.use_kl_loss {
-                            total = total + loss::kl_loss(logp, take(&|e| &e.ref_logp), m.clone(), cfg.ppo.loss_agg).mul_scalar(self.kl_coef);
+                            total = total
+                                + loss::kl_loss(
+                                    logp,
+                                    take(&|e| &e.ref_logp),
+                                    m.clone(),
+                                    cfg.ppo.loss_agg,
+                                )
+                                .mul_scalar(self.kl_coef);
                         }
                         pl_sum += scalar(pl) * weight;
                         cf_sum += cf * weight;
                         let grads = total.mul_scalar(weight).backward();
-                        acc_actor.accumulate(&self.actor, GradientsParams::from_grads(grads, &self.actor));
+                        acc_actor.accumulate(
+                            &self.actor,
+                            GradientsParams::from_grads(grads, &self.actor),
+                        );
                     }
                     if let Some(critic) = &self.critic {
                         let v = batch.values(critic, &self.device);
-                        let vl = loss::value_loss(v, take(&|e| &e.old_values), take(&|e| &e.returns), m, cfg.ppo.value_clip, cfg.ppo.loss_agg);
+                        let vl = loss::value_loss(
+                            v,
+                            take(&|e| &e.old_values),
+                            take(&|e| &e.returns),
+                            m,
+                            cfg.ppo.value_clip,
+                            cfg.ppo.loss_agg,
+                        );
                         vl_sum += scalar(vl.clone()) * weight;
                         let grads = vl.mul_scalar(weight).backward();
                         acc_critic.accumulate(critic, GradientsParams::from_grads(grads, critic));
                     }
                 }
-                lr = cosine_lr(cfg.optim.actor_lr, self.opt_step, self.total_opt_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio);
-                critic_lr = cosine_lr(cfg.optim.critic_lr, self.opt_step, self.total_opt_steps, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio);
+                lr = cosine_lr(
+                    cfg.optim.actor_lr,
+                    self.opt_step,
+                    self.total_opt_steps,
+                    cfg.optim.warmup_ratio,
+                    cfg.optim.min_lr_ratio,
+                );
+                critic_lr = cosine_lr(
+                    cfg.optim.critic_lr,
+                    self.opt_step,
+                    self.total_opt_steps,
+                    cfg.optim.warmup_ratio,
+                    cfg.optim.min_lr_ratio,
+                );
                 if train_actor {
                     let mut g = acc_actor.grads();
                     gn_sum += clip_global_norm(&self.actor, &mut g, cfg.optim.grad_clip);
                     self.actor = self.actor_optim.step(lr, self.actor.clone(), g);
                 }
-                if let (Some(critic), Some(opt)) = (self.critic.take(), self.critic_optim.as_mut()) {
+                if let (Some(critic), Some(opt)) = (self.critic.take(), self.critic_optim.as_mut())
+                {
                     let mut g = acc_critic.grads();
                     cgn_sum += clip_global_norm(&critic, &mut g, cfg.optim.grad_clip);
                     self.critic = Some(opt.step(critic_lr, critic, g));
@@ -354,9 +507,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.update_kl_coef(kl_mean, exps.len());
         let summary = Summary::from_verdicts(&verdicts);
         let n_opt = n_opt.max(1) as f64;
-        let think: Vec<f64> = verdicts.iter().filter(|v| v.stage != Stage::FormatFailure).map(|v| v.diagnostics.think_words as f64).collect();
+        let think: Vec<f64> = verdicts
+            .iter()
+            .filter(|v| v.stage != Stage::FormatFailure)
+            .map(|v| v.diagnostics.think_words as f64)
+            .collect();
         let tokens: usize = samples.iter().map(|s| s.entropies.len()).sum();
-        let entropy = samples.iter().flat_map(|s| s.entropies.iter()).map(|&e| e as f64).sum::<f64>() / tokens.max(1) as f64;
+        let entropy = samples
+            .iter()
+            .flat_map(|s| s.entropies.iter())
+            .map(|&e| e as f64)
+            .sum::<f64>()
+            / tokens.max(1) as f64;
         let seconds = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {
             step: self.step,
@@ -411,8 +573,15 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Writes the actor as a Hugging Face folder (config, safetensors, tokenizer).
     pub fn save_actor(&self, dir: &Path) -> Result<()> {
-        save_qwen2(&self.actor.valid(), &self.model_config, dir, SaveDtype::F32, 5 << 30)?;
-        std::fs::copy(self.tok.path(), dir.join("tokenizer.json")).with_context(|| format!("{}: cannot copy tokenizer", dir.display()))?;
+        save_qwen2(
+            &self.actor.valid(),
+            &self.model_config,
+            dir,
+            SaveDtype::F32,
+            5 << 30,
+        )?;
+        std::fs::copy(self.tok.path(), dir.join("tokenizer.json"))
+            .with_context(|| format!("{}: cannot copy tokenizer", dir.display()))?;
         Ok(())
     }
 }
@@ -423,13 +592,22 @@ fn scalar<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f
 
 /// The whole run: metrics.jsonl, samples.jsonl, a progress bar, held-out evaluations, the final
 /// actor in `OUT/final`. Returns the metrics of every step.
-pub fn run<B: AutodiffBackend>(cfg: TrainConfig, out: &Path, device: B::Device, quiet: bool) -> Result<Vec<StepMetrics>> {
+pub fn run<B: AutodiffBackend>(
+    cfg: TrainConfig,
+    out: &Path,
+    device: B::Device,
+    quiet: bool,
+) -> Result<Vec<StepMetrics>> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let mut trainer = Trainer::<B>::new(cfg, device)?;
     let mut metrics_file = std::fs::File::create(out.join("metrics.jsonl"))?;
     let mut samples_file = std::fs::File::create(out.join("samples.jsonl"))?;
-    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(trainer.total_steps as u64) };
+    let bar = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(trainer.total_steps as u64)
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
             .expect("template")
@@ -438,9 +616,15 @@ pub fn run<B: AutodiffBackend>(cfg: TrainConfig, out: &Path, device: B::Device, 
     let eval_every = trainer.cfg.train.eval_every;
     let has_eval = eval_every > 0 && !trainer.eval_items.is_empty();
     let mut all = Vec::new();
-    let mut last_eval = if has_eval { Some(trainer.evaluate()?) } else { None };
+    let mut last_eval = if has_eval {
+        Some(trainer.evaluate()?)
+    } else {
+        None
+    };
     if let Some((a, f)) = last_eval {
-        bar.println(format!("step 0 held-out: accuracy {a:.3}, format rate {f:.3}"));
+        bar.println(format!(
+            "step 0 held-out: accuracy {a:.3}, format rate {f:.3}"
+        ));
     }
     for s in 0..trainer.total_steps {
         let (mut m, shown) = trainer.step()?;
@@ -468,7 +652,9 @@ pub fn run<B: AutodiffBackend>(cfg: TrainConfig, out: &Path, device: B::Device, 
             m.accuracy,
             m.kl,
             m.response_len_mean,
-            last_eval.map(|(a, f)| format!(" | held-out acc {a:.2} fmt {f:.2}")).unwrap_or_default()
+            last_eval
+                .map(|(a, f)| format!(" | held-out acc {a:.2} fmt {f:.2}"))
+                .unwrap_or_default()
         ));
         bar.inc(1);
         all.push(m);
@@ -480,6 +666,9 @@ pub fn run<B: AutodiffBackend>(cfg: TrainConfig, out: &Path, device: B::Device, 
 
 /// A fresh run folder under `runs/` named by time.
 pub fn default_out_dir() -> PathBuf {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     PathBuf::from("runs").join(format!("train-{secs}"))
 }

@@ -183,10 +183,20 @@ pub fn extract_letter(answer: &str, num_options: usize) -> Option<char> {
     if let Some(m) = re(&BARE, r"^[\(\[]?([A-Za-z])[\)\]]?[.:)]?$").captures(a) {
         return pick(&m[1]).filter(|&c| in_range(c, num_options));
     }
-    if let Some(m) = re(&LEADING, r"^[\(\[]?([A-Z])(?:[\)\]]|[.:)\-]|\s*[\)\]]?\s*[:.\-])\s*\S").captures(a) {
+    if let Some(m) = re(
+        &LEADING,
+        r"^[\(\[]?([A-Z])(?:[\)\]]|[.:)\-]|\s*[\)\]]?\s*[:.\-])\s*\S",
+    )
+    .captures(a)
+    {
         return pick(&m[1]).filter(|&c| in_range(c, num_options));
     }
-    if let Some(m) = re(&PHRASE, r"(?i)\b(?:answer|option|choice)\s*(?:is|:|would be|=)?\s*[\(\[]?([A-Z])\b").captures(a) {
+    if let Some(m) = re(
+        &PHRASE,
+        r"(?i)\b(?:answer|option|choice)\s*(?:is|:|would be|=)?\s*[\(\[]?([A-Z])\b",
+    )
+    .captures(a)
+    {
         return pick(&m[1]).filter(|&c| in_range(c, num_options));
     }
     let mut found: Option<char> = None;
@@ -222,7 +232,9 @@ fn first_sentence(think: &str) -> &str {
         if b == b'\n' {
             return &t[..i];
         }
-        if matches!(b, b'.' | b'!' | b'?') && bytes.get(i + 1).is_none_or(|n| n.is_ascii_whitespace()) {
+        if matches!(b, b'.' | b'!' | b'?')
+            && bytes.get(i + 1).is_none_or(|n| n.is_ascii_whitespace())
+        {
             return &t[..=i];
         }
     }
@@ -238,9 +250,12 @@ fn states_answer(sentence: &str, num_options: usize, gold_text: Option<&str>) ->
         r"(?i)(?:\b(?:answer|option|choice)\s*(?:is|:|would be|=)?\s*[\(\[]?([A-Z])\b)|(?:[\(\[]([A-Z])[\)\]])|(?:^\s*([A-Z])\s*[.:)])",
     );
     let letter = r.captures_iter(sentence).any(|m| {
-        (1..=3)
-            .filter_map(|i| m.get(i))
-            .any(|g| g.as_str().chars().next().is_some_and(|c| in_range(c, num_options)))
+        (1..=3).filter_map(|i| m.get(i)).any(|g| {
+            g.as_str()
+                .chars()
+                .next()
+                .is_some_and(|c| in_range(c, num_options))
+        })
     });
     let text = gold_text.is_some_and(|g| {
         let g = g.trim().to_lowercase();
@@ -274,7 +289,13 @@ pub fn classify(format_ok: bool, d: &Diagnostics) -> Stage {
 
 /// Scores one reply against the gold letter of a question with `num_options` options.
 /// `gold_text` (the gold option's text) is only used for the answer-leak diagnostic.
-pub fn verify(reply: &str, gold: char, num_options: usize, gold_text: Option<&str>, cfg: &VerifierConfig) -> Verdict {
+pub fn verify(
+    reply: &str,
+    gold: char,
+    num_options: usize,
+    gold_text: Option<&str>,
+    cfg: &VerifierConfig,
+) -> Verdict {
     let blocks = find_blocks(reply);
     let mut d = Diagnostics {
         words_before_think: words(&reply[..reply.find(THINK_O).unwrap_or(reply.len())]),
@@ -309,7 +330,9 @@ pub fn verify(reply: &str, gold: char, num_options: usize, gold_text: Option<&st
         reply[..b.think_open].trim().is_empty()
             && d.think_blocks == 1
             && d.answer_blocks == 1
-            && reply[b.think.1 + THINK_C.len()..b.answer.0 - ANSWER_O.len()].trim().is_empty()
+            && reply[b.think.1 + THINK_C.len()..b.answer.0 - ANSWER_O.len()]
+                .trim()
+                .is_empty()
             && !d.text_after_answer
             && strict_letter(answer, num_options).is_some()
     } else {
@@ -413,7 +436,11 @@ pub fn verify_direct(reply: &str, gold: char, num_options: usize) -> Verdict {
         format_ok: extracted.is_some(),
         extracted,
         correct,
-        stage: if extracted.is_some() { Stage::ConciseStructurer } else { Stage::FormatFailure },
+        stage: if extracted.is_some() {
+            Stage::ConciseStructurer
+        } else {
+            Stage::FormatFailure
+        },
         diagnostics: Diagnostics::default(),
     }
 }

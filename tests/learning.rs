@@ -21,8 +21,13 @@ fn learns(overrides: &[&str]) -> (f64, f64) {
     let cfg = TrainConfig::load(None, &set).unwrap();
     let out = tempfile::tempdir().unwrap();
     let m = trainer::run::<B>(cfg, out.path(), Default::default(), true).unwrap();
-    assert!(out.path().join("metrics.jsonl").exists() && out.path().join("final/model.safetensors").exists());
-    let mean = |xs: &[trainer::StepMetrics]| xs.iter().map(|m| m.reward_mean).sum::<f64>() / xs.len() as f64;
+    assert!(
+        out.path().join("metrics.jsonl").exists()
+            && out.path().join("final/model.safetensors").exists()
+    );
+    let mean = |xs: &[trainer::StepMetrics]| {
+        xs.iter().map(|m| m.reward_mean).sum::<f64>() / xs.len() as f64
+    };
     let (start, end) = (mean(&m[..2]), mean(&m[m.len() - 4..]));
     eprintln!("{overrides:?}: mean reward first 2 steps {start:.3}, last 4 steps {end:.3}");
     (start, end)

@@ -8,16 +8,33 @@ use med_rlvr::loss::{self, Aggregation};
 use serde_json::Value;
 
 fn fixture() -> Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openrlhf_v0.5.9_ppo_math.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/openrlhf_v0.5.9_ppo_math.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn grid(v: &Value) -> Grid {
-    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
 }
 
 fn vec1(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn assert_close(got: &Grid, want: &Grid, tol: f64, what: &str) {
@@ -42,12 +59,22 @@ fn kl_rewards_gae_whitening_match_openrlhf() {
         // OpenRLHF casts the log-probs to float32 before the KL (`.float()`), hence 1e-6.
         let k1 = adv::kl(&old, &reference, &mask, KlEstimator::K1);
         assert_close(&k1, &grid(&o["kl_k1"]), 1e-6, "kl_k1");
-        assert_close(&adv::kl(&old, &reference, &mask, KlEstimator::K3), &grid(&o["kl_k3"]), 1e-6, "kl_k3");
+        assert_close(
+            &adv::kl(&old, &reference, &mask, KlEstimator::K3),
+            &grid(&o["kl_k3"]),
+            1e-6,
+            "kl_k3",
+        );
         let k1_fixture = grid(&o["kl_k1"]);
         for beta in [0.01, 0.05] {
             let tr = adv::token_rewards(&r, &k1_fixture, &mask, beta);
             // OpenRLHF builds the token rewards in float32: agreement to ~1e-8.
-            assert_close(&tr, &grid(&o[format!("token_rewards_k1_beta{beta}").as_str()]), 1e-6, "token_rewards");
+            assert_close(
+                &tr,
+                &grid(&o[format!("token_rewards_k1_beta{beta}").as_str()]),
+                1e-6,
+                "token_rewards",
+            );
         }
         let rewards = grid(&o["token_rewards_k1_beta0.01"]);
         for (g, l) in [(1.0, 1.0), (1.0, 0.95), (0.99, 0.95)] {
@@ -59,8 +86,18 @@ fn kl_rewards_gae_whitening_match_openrlhf() {
         let (a, _) = adv::gae(&rewards, &values, &mask, 1.0, 1.0);
         let w = adv::whiten(&a, &mask);
         // Compare valid tokens (padding positions are masked out of every loss).
-        let masked = |g: &Grid| -> Grid { g.iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, y)| x * y).collect()).collect() };
-        assert_close(&masked(&w), &masked(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"])), 1e-12, "whitened");
+        let masked = |g: &Grid| -> Grid {
+            g.iter()
+                .zip(&mask)
+                .map(|(r, m)| r.iter().zip(m).map(|(x, y)| x * y).collect())
+                .collect()
+        };
+        assert_close(
+            &masked(&w),
+            &masked(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"])),
+            1e-12,
+            "whitened",
+        );
     }
 }
 
@@ -85,18 +122,41 @@ fn losses_match<B: burn::tensor::backend::AutodiffBackend>(tol: f64) {
         let advs = t2::<B>(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"]), &dev);
         let logp = t2::<B>(&grid(&case["log_probs"]), &dev).require_grad();
         let old = t2::<B>(&grid(&case["old_log_probs"]), &dev);
-        let (l, _) = loss::policy_loss(logp.clone(), old, advs, mask.clone(), 0.2, 0.2, Aggregation::SeqMeanTokenMean);
+        let (l, _) = loss::policy_loss(
+            logp.clone(),
+            old,
+            advs,
+            mask.clone(),
+            0.2,
+            0.2,
+            Aggregation::SeqMeanTokenMean,
+        );
         let want = o["policy_loss_eps0.2"]["loss"].as_f64().unwrap();
         let got = l.clone().into_data().iter::<f64>().next().unwrap();
         assert!((got - want).abs() <= tol, "policy loss {got} vs {want}");
         let grads = l.backward();
         let g = to_grid::<B::InnerBackend>(logp.grad(&grads).unwrap());
-        assert_close(&g, &grid(&o["policy_loss_eps0.2"]["grad_log_probs"]), tol, "grad_log_probs");
+        assert_close(
+            &g,
+            &grid(&o["policy_loss_eps0.2"]["grad_log_probs"]),
+            tol,
+            "grad_log_probs",
+        );
         let returns = t2::<B>(&grid(&o["gae_gamma1.0_lambda1.0"]["returns"]), &dev);
-        for (key, clip) in [("value_loss_clip0.2", Some(0.2)), ("value_loss_noclip", None)] {
+        for (key, clip) in [
+            ("value_loss_clip0.2", Some(0.2)),
+            ("value_loss_noclip", None),
+        ] {
             let values = t2::<B>(&grid(&case["values"]), &dev).require_grad();
             let old_v = t2::<B>(&grid(&case["old_values"]), &dev);
-            let l = loss::value_loss(values.clone(), old_v, returns.clone(), mask.clone(), clip, Aggregation::SeqMeanTokenMean);
+            let l = loss::value_loss(
+                values.clone(),
+                old_v,
+                returns.clone(),
+                mask.clone(),
+                clip,
+                Aggregation::SeqMeanTokenMean,
+            );
             let got = l.clone().into_data().iter::<f64>().next().unwrap();
             let want = o[key]["loss"].as_f64().unwrap();
             assert!((got - want).abs() <= tol, "{key} {got} vs {want}");
@@ -123,7 +183,13 @@ fn token_mean_aggregation_weights_every_token_equally() {
     let dev = Default::default();
     let x = t2::<B>(&vec![vec![1.0, 1.0, 1.0], vec![4.0, 0.0, 0.0]], &dev);
     let m = t2::<B>(&vec![vec![1.0, 1.0, 1.0], vec![1.0, 0.0, 0.0]], &dev);
-    let s = |agg| loss::aggregate(x.clone(), m.clone(), agg).into_data().iter::<f64>().next().unwrap();
+    let s = |agg| {
+        loss::aggregate(x.clone(), m.clone(), agg)
+            .into_data()
+            .iter::<f64>()
+            .next()
+            .unwrap()
+    };
     assert!((s(Aggregation::SeqMeanTokenMean) - 2.5).abs() < 1e-12); // (1 + 4) / 2
     assert!((s(Aggregation::TokenMean) - 7.0 / 4.0).abs() < 1e-12); // (3 + 4) / 4
 }
@@ -136,28 +202,55 @@ fn critic_free_estimators_by_hand() {
     // Group 1: mean 1/3, unbiased std √(1/3); group 2: mean 1/3, unbiased std √(4/3).
     let s1 = (1.0f64 / 3.0).sqrt();
     let s2 = (4.0f64 / 3.0).sqrt();
-    let want_grpo = [2.0 / 3.0 / s1, -1.0 / 3.0 / s1, -1.0 / 3.0 / s1, 2.0 / 3.0 / s2, 2.0 / 3.0 / s2, -4.0 / 3.0 / s2];
+    let want_grpo = [
+        2.0 / 3.0 / s1,
+        -1.0 / 3.0 / s1,
+        -1.0 / 3.0 / s1,
+        2.0 / 3.0 / s2,
+        2.0 / 3.0 / s2,
+        -4.0 / 3.0 / s2,
+    ];
     for (a, b) in g(Estimator::Grpo).iter().zip(want_grpo) {
         assert!((a - b).abs() < 1e-8, "grpo {a} vs {b}");
     }
     let close = |a: Vec<f64>, b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
-    assert!(close(g(Estimator::DrGrpo), &[2.0 / 3.0, -1.0 / 3.0, -1.0 / 3.0, 2.0 / 3.0, 2.0 / 3.0, -4.0 / 3.0]));
+    assert!(close(
+        g(Estimator::DrGrpo),
+        &[
+            2.0 / 3.0,
+            -1.0 / 3.0,
+            -1.0 / 3.0,
+            2.0 / 3.0,
+            2.0 / 3.0,
+            -4.0 / 3.0
+        ]
+    ));
     // RLOO: R_i − mean of the other two.
-    assert!(close(g(Estimator::Rloo), &[1.0, -0.5, -0.5, 1.0, 1.0, -2.0]));
+    assert!(close(
+        g(Estimator::Rloo),
+        &[1.0, -0.5, -0.5, 1.0, 1.0, -2.0]
+    ));
     assert!(close(g(Estimator::ReinforcePp), &r));
-    assert!(close(g(Estimator::ReinforcePpBaseline), &g(Estimator::DrGrpo)));
+    assert!(close(
+        g(Estimator::ReinforcePpBaseline),
+        &g(Estimator::DrGrpo)
+    ));
     // Return-to-go over KL-shaped token rewards, γ = 1: advantage at t = R − β·Σ_{s≥t} kl_s.
     let mask = vec![vec![1.0, 1.0, 1.0], vec![1.0, 1.0, 0.0]];
     let kl = vec![vec![0.1, 0.2, 0.3], vec![0.5, -0.5, 0.0]];
     let a = adv::critic_free_advantages(&[1.0, 0.0], 2, &kl, &mask, 0.1, 1.0, Estimator::DrGrpo);
-    let want = [[0.5 - 0.06, 0.5 - 0.05, 0.5 - 0.03], [-0.5 - 0.0, -0.5 + 0.05, 0.0]];
+    let want = [
+        [0.5 - 0.06, 0.5 - 0.05, 0.5 - 0.03],
+        [-0.5 - 0.0, -0.5 + 0.05, 0.0],
+    ];
     for (row, w) in a.iter().zip(want) {
         for (x, y) in row.iter().zip(w) {
             assert!((x - y).abs() < 1e-12, "{x} vs {y}");
         }
     }
     // reinforce_pp whitens: valid tokens have mean 0 and unit population variance.
-    let w = adv::critic_free_advantages(&[1.0, 0.0], 2, &kl, &mask, 0.1, 1.0, Estimator::ReinforcePp);
+    let w =
+        adv::critic_free_advantages(&[1.0, 0.0], 2, &kl, &mask, 0.1, 1.0, Estimator::ReinforcePp);
     let (m, v) = adv::masked_moments(&w, &mask);
     assert!(m.abs() < 1e-12 && (v - 1.0).abs() < 1e-9);
 }

@@ -13,7 +13,9 @@ use rand::{rngs::StdRng, SeedableRng};
 type B = NdArray<f32>;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen2")
+        .join(name)
 }
 
 fn load(name: &str) -> (Qwen2Config, Qwen2<B>) {
@@ -21,11 +23,19 @@ fn load(name: &str) -> (Qwen2Config, Qwen2<B>) {
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    vec![vec![5, 17, 33, 2, 90, 41, 7, 8, 200], vec![11, 12], vec![250, 3, 3, 3, 61]]
+    vec![
+        vec![5, 17, 33, 2, 90, 41, 7, 8, 200],
+        vec![11, 12],
+        vec![250, 3, 3, 3, 61],
+    ]
 }
 
 fn greedy(max_new: usize) -> SamplingParams {
-    SamplingParams { temperature: 0.0, max_new_tokens: max_new, ..Default::default() }
+    SamplingParams {
+        temperature: 0.0,
+        max_new_tokens: max_new,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -35,8 +45,18 @@ fn greedy_alone_equals_inside_a_padded_batch() {
         let dev = Default::default();
         let batch = sampler::generate(&m, &c, &prompts(), &greedy(10), &NoDetokenizer, &dev);
         for (i, p) in prompts().iter().enumerate() {
-            let alone = sampler::generate(&m, &c, std::slice::from_ref(p), &greedy(10), &NoDetokenizer, &dev);
-            assert_eq!(alone[0].output_ids, batch[i].output_ids, "{name} prompt {i}");
+            let alone = sampler::generate(
+                &m,
+                &c,
+                std::slice::from_ref(p),
+                &greedy(10),
+                &NoDetokenizer,
+                &dev,
+            );
+            assert_eq!(
+                alone[0].output_ids, batch[i].output_ids,
+                "{name} prompt {i}"
+            );
         }
     }
 }
@@ -45,7 +65,13 @@ fn greedy_alone_equals_inside_a_padded_batch() {
 fn rollout_logprobs_equal_teacher_forced_logprobs() {
     let (c, m) = load("tied-bf16-sharded");
     let dev = Default::default();
-    let params = SamplingParams { temperature: 1.0, max_new_tokens: 12, n: 2, seed: 3, ..Default::default() };
+    let params = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 12,
+        n: 2,
+        seed: 3,
+        ..Default::default()
+    };
     let samples = sampler::generate(&m, &c, &prompts(), &params, &NoDetokenizer, &dev);
     assert_eq!(samples.len(), 6);
     let mut worst = 0.0f32;
@@ -59,12 +85,19 @@ fn rollout_logprobs_equal_teacher_forced_logprobs() {
             assert!((a - b).abs() < 1e-4);
         }
     }
-    assert!(worst < 1e-4, "rollout vs teacher-forced log-prob max diff {worst:e}");
+    assert!(
+        worst < 1e-4,
+        "rollout vs teacher-forced log-prob max diff {worst:e}"
+    );
 }
 
 /// Pearson chi-square of observed counts against expected probabilities.
 fn chi_square(counts: &[usize], probs: &[f64], n: usize) -> f64 {
-    counts.iter().zip(probs).map(|(&o, &p)| (o as f64 - n as f64 * p).powi(2) / (n as f64 * p)).sum()
+    counts
+        .iter()
+        .zip(probs)
+        .map(|(&o, &p)| (o as f64 - n as f64 * p).powi(2) / (n as f64 * p))
+        .sum()
 }
 
 #[test]
@@ -80,11 +113,37 @@ fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution() {
     // Nucleus keeps the smallest prefix whose mass reaches top_p.
     let top_p = 0.8;
     let mut mass = 0.0;
-    let nucleus: Vec<usize> = (0..8).take_while(|&i| { let keep = mass < top_p; mass += full[i]; keep }).collect();
+    let nucleus: Vec<usize> = (0..8)
+        .take_while(|&i| {
+            let keep = mass < top_p;
+            mass += full[i];
+            keep
+        })
+        .collect();
     let cases: Vec<(SamplingParams, Vec<usize>)> = vec![
-        (SamplingParams { temperature: t as f32, ..Default::default() }, (0..8).collect()),
-        (SamplingParams { temperature: t as f32, top_k: 3, ..Default::default() }, vec![0, 1, 2]),
-        (SamplingParams { temperature: t as f32, top_p: top_p as f32, ..Default::default() }, nucleus.clone()),
+        (
+            SamplingParams {
+                temperature: t as f32,
+                ..Default::default()
+            },
+            (0..8).collect(),
+        ),
+        (
+            SamplingParams {
+                temperature: t as f32,
+                top_k: 3,
+                ..Default::default()
+            },
+            vec![0, 1, 2],
+        ),
+        (
+            SamplingParams {
+                temperature: t as f32,
+                top_p: top_p as f32,
+                ..Default::default()
+            },
+            nucleus.clone(),
+        ),
     ];
     assert!(nucleus.len() < 8 && nucleus.len() > 1);
     let n = 200_000;
@@ -123,13 +182,23 @@ fn a_row_that_emits_the_stop_token_stops_while_others_continue() {
         .find(|(_, t)| !free[1].output_ids.contains(t) && !free[2].output_ids.contains(t))
         .map(|(i, &t)| (i, t))
         .expect("fixture rows differ");
-    let params = SamplingParams { stop_token_ids: vec![stop], ..greedy(12) };
+    let params = SamplingParams {
+        stop_token_ids: vec![stop],
+        ..greedy(12)
+    };
     let out = sampler::generate(&m, &c, &prompts(), &params, &NoDetokenizer, &dev);
     assert_eq!(out[0].finish_reason, FinishReason::StopToken);
-    assert_eq!(out[0].output_ids, free[0].output_ids[..=pos].to_vec(), "stop token kept, nothing after");
+    assert_eq!(
+        out[0].output_ids,
+        free[0].output_ids[..=pos].to_vec(),
+        "stop token kept, nothing after"
+    );
     for r in 1..3 {
         assert_eq!(out[r].finish_reason, FinishReason::Length);
-        assert_eq!(out[r].output_ids, free[r].output_ids, "row {r} must be unaffected");
+        assert_eq!(
+            out[r].output_ids, free[r].output_ids,
+            "row {r} must be unaffected"
+        );
     }
 }
 
@@ -144,7 +213,10 @@ fn stop_strings_are_kept_and_end_the_row() {
     let text = tok.decode_raw(&free[0].output_ids);
     // Use a 2-character piece of the greedy text that appears after its start as the stop string.
     let stop: String = text.chars().skip(3).take(2).collect();
-    let params = SamplingParams { stop_strings: vec![stop.clone()], ..greedy(16) };
+    let params = SamplingParams {
+        stop_strings: vec![stop.clone()],
+        ..greedy(16)
+    };
     let out = sampler::generate(&m, &c, &p, &params, &tok, &dev);
     assert_eq!(out[0].finish_reason, FinishReason::StopString);
     let got = tok.decode_raw(&out[0].output_ids);
@@ -159,7 +231,15 @@ fn stop_strings_are_kept_and_end_the_row() {
 fn same_seed_same_samples_and_n_per_prompt() {
     let (c, m) = load("tied-f16-gqa");
     let dev = Default::default();
-    let params = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 50, max_new_tokens: 10, n: 3, seed: 42, ..Default::default() };
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 50,
+        max_new_tokens: 10,
+        n: 3,
+        seed: 42,
+        ..Default::default()
+    };
     let a = sampler::generate(&m, &c, &prompts(), &params, &NoDetokenizer, &dev);
     let b = sampler::generate(&m, &c, &prompts(), &params, &NoDetokenizer, &dev);
     assert_eq!(a.len(), 9);
@@ -172,6 +252,19 @@ fn same_seed_same_samples_and_n_per_prompt() {
     // A sample does not depend on which other prompts share the batch.
     let alone = sampler::generate_from(&m, &c, &prompts()[2..], 2, &params, &NoDetokenizer, &dev);
     assert_eq!(alone[1].output_ids, a[7].output_ids);
-    let other_seed = sampler::generate(&m, &c, &prompts(), &SamplingParams { seed: 43, ..params.clone() }, &NoDetokenizer, &dev);
-    assert!(a.iter().zip(&other_seed).any(|(x, y)| x.output_ids != y.output_ids));
+    let other_seed = sampler::generate(
+        &m,
+        &c,
+        &prompts(),
+        &SamplingParams {
+            seed: 43,
+            ..params.clone()
+        },
+        &NoDetokenizer,
+        &dev,
+    );
+    assert!(a
+        .iter()
+        .zip(&other_seed)
+        .any(|(x, y)| x.output_ids != y.output_ids));
 }

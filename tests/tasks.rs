@@ -25,7 +25,10 @@ fn medqa_any_number_of_options_and_none_of_the_above() {
     assert_eq!(ds.items[1].options.len(), 2);
     assert_eq!((ds.items[0].answer, ds.items[1].answer), ('A', 'B'));
     assert_eq!(ds.items[1].category.as_deref(), Some("step2&3"));
-    let opts = LoadOptions { none_of_the_above: true, ..Default::default() };
+    let opts = LoadOptions {
+        none_of_the_above: true,
+        ..Default::default()
+    };
     let ds = task::load(&p, DataFormat::Medqa, &opts).unwrap();
     assert_eq!(ds.items[0].options.len(), 6);
     assert_eq!(ds.items[0].options[5], task::NONE_OF_THE_ABOVE);
@@ -39,15 +42,39 @@ fn malformed_lines_name_file_and_line_or_are_skipped_and_counted() {
     let bad_gold = MEDQA.replace("\"answer_idx\": \"B\"", "\"answer_idx\": \"F\"");
     let empty = r#"{"question": "Q", "options": [], "answer": "A"}"#.to_string() + "\n";
     let cases = [
-        ("badjson.jsonl", bad_json.as_str(), DataFormat::Medqa, "badjson.jsonl:3", "invalid JSON"),
-        ("badgold.jsonl", bad_gold.as_str(), DataFormat::Medqa, "badgold.jsonl:2", "not one of the option letters"),
-        ("empty.jsonl", empty.as_str(), DataFormat::Generic, "empty.jsonl:1", "no options"),
+        (
+            "badjson.jsonl",
+            bad_json.as_str(),
+            DataFormat::Medqa,
+            "badjson.jsonl:3",
+            "invalid JSON",
+        ),
+        (
+            "badgold.jsonl",
+            bad_gold.as_str(),
+            DataFormat::Medqa,
+            "badgold.jsonl:2",
+            "not one of the option letters",
+        ),
+        (
+            "empty.jsonl",
+            empty.as_str(),
+            DataFormat::Generic,
+            "empty.jsonl:1",
+            "no options",
+        ),
     ];
     for (name, text, fmt, at, why) in cases {
         let p = write(d.path(), name, text);
-        let e = format!("{:#}", task::load(&p, fmt, &LoadOptions::default()).unwrap_err());
+        let e = format!(
+            "{:#}",
+            task::load(&p, fmt, &LoadOptions::default()).unwrap_err()
+        );
         assert!(e.contains(at) && e.contains(why), "{e}");
-        let opts = LoadOptions { skip_invalid: true, ..Default::default() };
+        let opts = LoadOptions {
+            skip_invalid: true,
+            ..Default::default()
+        };
         let ds = task::load(&p, fmt, &opts).unwrap();
         assert_eq!(ds.skipped.len(), 1, "{name}");
     }
@@ -60,15 +87,30 @@ fn mmlu_pro_jsonl_with_category_filter_and_generic() {
 {"question_id": 2, "question": "Q?", "options": ["a", "b"], "answer": "A", "answer_index": 0, "category": "law", "src": "y"}
 "#;
     let p = write(d.path(), "p.jsonl", text);
-    let opts = LoadOptions { category: Some("health".into()), ..Default::default() };
+    let opts = LoadOptions {
+        category: Some("health".into()),
+        ..Default::default()
+    };
     let ds = task::load(&p, DataFormat::Auto, &opts).unwrap();
     assert_eq!(ds.items.len(), 1);
     assert_eq!((ds.items[0].id.as_str(), ds.items[0].answer), ("1", 'C'));
-    let g = write(d.path(), "g.jsonl", "{\"question\": \"Q\", \"options\": [\"x\", \"y\"], \"answer\": 1}\n");
+    let g = write(
+        d.path(),
+        "g.jsonl",
+        "{\"question\": \"Q\", \"options\": [\"x\", \"y\"], \"answer\": 1}\n",
+    );
     let ds = task::load(&g, DataFormat::Auto, &LoadOptions::default()).unwrap();
     assert_eq!(ds.items[0].answer, 'B');
-    let bad = write(d.path(), "b.jsonl", text.replace("\"answer_index\": 2", "\"answer_index\": 1").as_str());
-    let e = format!("{:#}", task::load(&bad, DataFormat::MmluPro, &LoadOptions::default()).unwrap_err());
+    let bad = write(
+        d.path(),
+        "b.jsonl",
+        text.replace("\"answer_index\": 2", "\"answer_index\": 1")
+            .as_str(),
+    );
+    let e = format!(
+        "{:#}",
+        task::load(&bad, DataFormat::MmluPro, &LoadOptions::default()).unwrap_err()
+    );
     assert!(e.contains("b.jsonl:1") && e.contains("disagrees"), "{e}");
 }
 
@@ -96,18 +138,52 @@ fn real_data_files_when_available() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let medqa = task::load(&dir.join("medqa_us_test.jsonl"), DataFormat::Medqa, &LoadOptions::default()).unwrap();
+    let medqa = task::load(
+        &dir.join("medqa_us_test.jsonl"),
+        DataFormat::Medqa,
+        &LoadOptions::default(),
+    )
+    .unwrap();
     assert_eq!(medqa.items.len(), 1273);
-    assert!(medqa.items.iter().all(|i| i.options.len() == 5 && i.gold_index() < 5));
-    let four = task::load(&dir.join("medqa_us_4opt_test.jsonl"), DataFormat::Auto, &LoadOptions::default()).unwrap();
+    assert!(medqa
+        .items
+        .iter()
+        .all(|i| i.options.len() == 5 && i.gold_index() < 5));
+    let four = task::load(
+        &dir.join("medqa_us_4opt_test.jsonl"),
+        DataFormat::Auto,
+        &LoadOptions::default(),
+    )
+    .unwrap();
     assert_eq!(four.items.len(), 1273);
-    let health = LoadOptions { category: Some("health".into()), ..Default::default() };
-    let j = task::load(&dir.join("mmlu_pro_health_test.jsonl"), DataFormat::MmluPro, &health).unwrap();
-    let p = task::load(&dir.join("mmlu_pro_test.parquet"), DataFormat::Auto, &health).unwrap();
+    let health = LoadOptions {
+        category: Some("health".into()),
+        ..Default::default()
+    };
+    let j = task::load(
+        &dir.join("mmlu_pro_health_test.jsonl"),
+        DataFormat::MmluPro,
+        &health,
+    )
+    .unwrap();
+    let p = task::load(
+        &dir.join("mmlu_pro_test.parquet"),
+        DataFormat::Auto,
+        &health,
+    )
+    .unwrap();
     assert_eq!(j.items.len(), 818);
     assert_eq!(p.items.len(), 818);
     assert_eq!(j.items, p.items, "jsonl and parquet disagree");
-    assert!(p.items.iter().all(|i| i.gold_index() < i.options.len() && i.options.len() <= 10));
-    let all = task::load(&dir.join("mmlu_pro_test.parquet"), DataFormat::MmluPro, &LoadOptions::default()).unwrap();
+    assert!(p
+        .items
+        .iter()
+        .all(|i| i.gold_index() < i.options.len() && i.options.len() <= 10));
+    let all = task::load(
+        &dir.join("mmlu_pro_test.parquet"),
+        DataFormat::MmluPro,
+        &LoadOptions::default(),
+    )
+    .unwrap();
     assert_eq!(all.items.len(), 12032);
 }

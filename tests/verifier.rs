@@ -9,13 +9,29 @@ fn permissive(reply: &str, gold: char, n: usize) -> (f32, Option<char>) {
 }
 
 fn strict(reply: &str, gold: char, n: usize) -> f32 {
-    verify(reply, gold, n, None, &VerifierConfig { strict: true, ..Default::default() }).reward
+    verify(
+        reply,
+        gold,
+        n,
+        None,
+        &VerifierConfig {
+            strict: true,
+            ..Default::default()
+        },
+    )
+    .reward
 }
 
 #[test]
 fn paper_reward_values() {
-    assert_eq!(permissive("<think> x </think><answer> C </answer>", 'C', 5), (1.0, Some('C')));
-    assert_eq!(permissive("<think> x </think><answer> B </answer>", 'C', 5), (0.0, Some('B')));
+    assert_eq!(
+        permissive("<think> x </think><answer> C </answer>", 'C', 5),
+        (1.0, Some('C'))
+    );
+    assert_eq!(
+        permissive("<think> x </think><answer> B </answer>", 'C', 5),
+        (0.0, Some('B'))
+    );
     assert_eq!(permissive("The answer is C.", 'C', 5).0, -1.0);
     assert_eq!(permissive("", 'C', 5).0, -1.0);
 }
@@ -48,37 +64,91 @@ fn letter_is_found_robustly() {
 #[test]
 fn permissive_semantics() {
     // Not anchored: reasoning before <think> is still rewarded (the step-by-step exploit).
-    assert_eq!(permissive("Let me reason first. <think> so C </think><answer>C</answer>", 'C', 5).0, 1.0);
+    assert_eq!(
+        permissive(
+            "Let me reason first. <think> so C </think><answer>C</answer>",
+            'C',
+            5
+        )
+        .0,
+        1.0
+    );
     // No minimum think length.
-    assert_eq!(permissive("<think></think><answer>C</answer>", 'C', 5).0, 1.0);
+    assert_eq!(
+        permissive("<think></think><answer>C</answer>", 'C', 5).0,
+        1.0
+    );
     // Text between blocks and after </answer> is allowed.
-    assert_eq!(permissive("<think>x</think> so <answer>C</answer> done", 'C', 5).0, 1.0);
+    assert_eq!(
+        permissive("<think>x</think> so <answer>C</answer> done", 'C', 5).0,
+        1.0
+    );
     // Several answer blocks: the first one after think counts.
-    let v = verify("<think>x</think><answer>B</answer><answer>C</answer>", 'C', 5, None, &VerifierConfig::default());
+    let v = verify(
+        "<think>x</think><answer>B</answer><answer>C</answer>",
+        'C',
+        5,
+        None,
+        &VerifierConfig::default(),
+    );
     assert_eq!((v.reward, v.diagnostics.answer_blocks), (0.0, 2));
     // Truncated: no closing </answer> → invalid.
-    let v = verify("<think>x</think><answer>C", 'C', 5, None, &VerifierConfig::default());
+    let v = verify(
+        "<think>x</think><answer>C",
+        'C',
+        5,
+        None,
+        &VerifierConfig::default(),
+    );
     assert_eq!(v.reward, -1.0);
     assert!(v.diagnostics.truncated);
     // Answer before think does not count as a think-then-answer reply.
-    assert_eq!(permissive("<answer>C</answer><think>x</think>", 'C', 5).0, -1.0);
+    assert_eq!(
+        permissive("<answer>C</answer><think>x</think>", 'C', 5).0,
+        -1.0
+    );
     // Out-of-range letter: valid but wrong.
-    assert_eq!(permissive("<think>x</think><answer>F</answer>", 'F', 5).0, 0.0);
+    assert_eq!(
+        permissive("<think>x</think><answer>F</answer>", 'F', 5).0,
+        0.0
+    );
     // Unbalanced and nested tags.
-    assert_eq!(permissive("<think><think> a </think><answer>C</answer>", 'C', 5).0, 1.0);
+    assert_eq!(
+        permissive("<think><think> a </think><answer>C</answer>", 'C', 5).0,
+        1.0
+    );
     assert_eq!(permissive("<think> a <answer>C</answer>", 'C', 5).0, -1.0);
 }
 
 #[test]
 fn strict_mode() {
     assert_eq!(strict("<think> x </think><answer>C</answer>", 'C', 5), 1.0);
-    assert_eq!(strict("  <think> x </think>\n<answer> C </answer>\n", 'C', 5), 1.0);
-    assert_eq!(strict("Preamble <think> x </think><answer>C</answer>", 'C', 5), -1.0);
-    assert_eq!(strict("<think> x </think><answer>C: text</answer>", 'C', 5), -1.0);
+    assert_eq!(
+        strict("  <think> x </think>\n<answer> C </answer>\n", 'C', 5),
+        1.0
+    );
+    assert_eq!(
+        strict("Preamble <think> x </think><answer>C</answer>", 'C', 5),
+        -1.0
+    );
+    assert_eq!(
+        strict("<think> x </think><answer>C: text</answer>", 'C', 5),
+        -1.0
+    );
     assert_eq!(strict("<think> x </think><answer>c</answer>", 'C', 5), -1.0);
     assert_eq!(strict("<think> x </think><answer>F</answer>", 'C', 5), -1.0);
-    assert_eq!(strict("<think> x </think><answer>C</answer> more", 'C', 5), -1.0);
-    assert_eq!(strict("<think> x </think><answer>C</answer><answer>C</answer>", 'C', 5), -1.0);
+    assert_eq!(
+        strict("<think> x </think><answer>C</answer> more", 'C', 5),
+        -1.0
+    );
+    assert_eq!(
+        strict(
+            "<think> x </think><answer>C</answer><answer>C</answer>",
+            'C',
+            5
+        ),
+        -1.0
+    );
     assert_eq!(strict("<think> x </think><answer>B</answer>", 'C', 5), 0.0);
 }
 
@@ -90,17 +160,32 @@ fn stage(reply: &str, gold_text: &str) -> Stage {
 fn one_reply_per_stage_in_the_papers_shapes() {
     let gold = "Cholesterol embolization";
     // 1. Format failure: no tags, a brief unstructured answer.
-    assert_eq!(stage("C. Cholesterol embolization", gold), Stage::FormatFailure);
+    assert_eq!(
+        stage("C. Cholesterol embolization", gold),
+        Stage::FormatFailure
+    );
     // 2. Verbose formatter: tags used, a very long think, the answer with its option text.
     let long = "The patient had a recent catheterization and now has renal failure, livedo reticularis and eosinophilia. ".repeat(10);
-    assert_eq!(stage(&format!("<think>{long}</think><answer> C: Cholesterol embolization </answer>"), gold), Stage::VerboseFormatter);
+    assert_eq!(
+        stage(
+            &format!("<think>{long}</think><answer> C: Cholesterol embolization </answer>"),
+            gold
+        ),
+        Stage::VerboseFormatter
+    );
     // 3. Concise structurer: format followed, short reasoning.
     assert_eq!(
         stage("<think> Recent catheterization, livedo reticularis and eosinophilia point to atheroemboli. </think><answer> C </answer>", gold),
         Stage::ConciseStructurer
     );
     // 4. Direct-answer hacker: the answer stated at the start of think, think very short.
-    assert_eq!(stage("<think> The answer is C. </think><answer> C </answer>", gold), Stage::DirectAnswerHacker);
+    assert_eq!(
+        stage(
+            "<think> The answer is C. </think><answer> C </answer>",
+            gold
+        ),
+        Stage::DirectAnswerHacker
+    );
     // 5. Step-by-step exploit: reasoning before <think>, think holds only the conclusion.
     assert_eq!(
         stage("Step 1: the patient had a catheterization. Step 2: renal failure with eosinophilia and livedo follows. Step 3: this fits atheroemboli. <think> C </think><answer> C </answer>", gold),
@@ -121,7 +206,12 @@ fn diagnostics_and_optional_penalties() {
     assert_eq!(v.diagnostics.think_words, 4);
     assert!(v.diagnostics.answer_leak && v.diagnostics.text_after_answer);
     assert_eq!(v.reward, 1.0);
-    let cfg = VerifierConfig { answer_leak_penalty: 0.5, preamble_penalty: 0.25, preamble_max_words: 2, ..Default::default() };
+    let cfg = VerifierConfig {
+        answer_leak_penalty: 0.5,
+        preamble_penalty: 0.25,
+        preamble_max_words: 2,
+        ..Default::default()
+    };
     assert_eq!(verify(reply, 'C', 5, None, &cfg).reward, 0.25);
     // Penalties never touch invalid replies.
     assert_eq!(verify("The answer is C", 'C', 5, None, &cfg).reward, -1.0);

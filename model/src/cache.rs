@@ -95,7 +95,10 @@ impl<B: Backend> KvCache<B> {
     pub fn retain_rows(&mut self, rows: &[usize]) {
         let device = self.valid.device();
         let idx = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            TensorData::new(
+                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [rows.len()],
+            ),
             &device,
         );
         for t in self.keys.iter_mut().chain(self.values.iter_mut()) {

@@ -52,7 +52,9 @@ impl Qwen2Config {
             let known = archs.iter().any(|a| {
                 matches!(
                     a.as_str(),
-                    Some("Qwen2ForCausalLM") | Some("Qwen2Model") | Some("Qwen2ForTokenClassification")
+                    Some("Qwen2ForCausalLM")
+                        | Some("Qwen2Model")
+                        | Some("Qwen2ForTokenClassification")
                 )
             });
             if !known {
@@ -63,14 +65,22 @@ impl Qwen2Config {
         }
         match obj.get("model_type").and_then(Value::as_str) {
             Some("qwen2") | None => {}
-            Some(other) => return Err(format!("unsupported model_type `{other}` (expected `qwen2`)")),
+            Some(other) => {
+                return Err(format!(
+                    "unsupported model_type `{other}` (expected `qwen2`)"
+                ))
+            }
         }
         if obj.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
-            return Err("use_sliding_window is true: sliding-window attention is not supported".into());
+            return Err(
+                "use_sliding_window is true: sliding-window attention is not supported".into(),
+            );
         }
         if let Some(rs) = obj.get("rope_scaling") {
             if !rs.is_null() {
-                return Err(format!("rope_scaling {rs} is not supported (only plain RoPE)"));
+                return Err(format!(
+                    "rope_scaling {rs} is not supported (only plain RoPE)"
+                ));
             }
         }
         let usize_key = |k: &str| -> std::result::Result<usize, String> {
@@ -93,7 +103,10 @@ impl Qwen2Config {
             None => 32768,
             Some(_) => usize_key("max_position_embeddings")?,
         };
-        let rms_norm_eps = obj.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6);
+        let rms_norm_eps = obj
+            .get("rms_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-6);
         let rope_theta = match (obj.get("rope_theta"), obj.get("rope_parameters")) {
             (Some(t), _) if !t.is_null() => t.as_f64().ok_or("key `rope_theta` is not a number")?,
             (_, Some(p)) if !p.is_null() => {
@@ -147,15 +160,22 @@ impl Qwen2Config {
                 "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
             ));
         }
-        if !(rms_norm_eps > 0.0) || !(rope_theta > 0.0) {
+        if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 || rope_theta.is_nan() || rope_theta <= 0.0
+        {
             return Err("rms_norm_eps and rope_theta must be positive".into());
         }
         let eos_token_ids = match obj.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             _ => vec![],
         };
-        let bos_token_id = obj.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32);
+        let bos_token_id = obj
+            .get("bos_token_id")
+            .and_then(Value::as_u64)
+            .map(|x| x as u32);
         let torch_dtype = obj
             .get("torch_dtype")
             .or_else(|| obj.get("dtype"))

@@ -26,7 +26,9 @@ pub enum ModelError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
-    #[error("{path}: tensor `{name}` has unsupported dtype {dtype} (f32, bf16, f16 are supported)")]
+    #[error(
+        "{path}: tensor `{name}` has unsupported dtype {dtype} (f32, bf16, f16 are supported)"
+    )]
     Dtype {
         path: PathBuf,
         name: String,

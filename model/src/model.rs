@@ -53,14 +53,19 @@ impl<B: Backend> Attention<B> {
         };
         let s = k.dims()[2];
         let q = q.reshape([b, nkv, rep * t, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+        let scores = q
+            .matmul(k.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d as f64).sqrt());
         let dtype = scores.dtype();
         let scores = scores.cast(DType::F32).mask_fill(mask.clone(), MASKED);
         let probs = softmax(scores, 3).cast(dtype);
         let out = probs.matmul(v); // [b, nkv, rep·t, d]
         debug_assert_eq!(out.dims(), [b, nkv, rep * t, d]);
         let _ = s;
-        let out = out.reshape([b, nh, t, d]).swap_dims(1, 2).reshape([b, t, nh * d]);
+        let out = out
+            .reshape([b, nh, t, d])
+            .swap_dims(1, 2)
+            .reshape([b, t, nh * d]);
         self.o_proj.forward(out)
     }
 }
@@ -134,7 +139,10 @@ impl<B: Backend> Qwen2<B> {
         let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let mut vector = |name: String, n: usize| -> crate::Result<Param<Tensor<B, 1>>> {
-            Ok(Param::from_tensor(Tensor::from_data(src.tensor(&name, &[n])?, device)))
+            Ok(Param::from_tensor(Tensor::from_data(
+                src.tensor(&name, &[n])?,
+                device,
+            )))
         };
         // Cannot borrow `src` in two closures at once: collect 1-D tensors through `vector`
         // and 2-D through a helper below.
@@ -147,9 +155,18 @@ impl<B: Backend> Qwen2<B> {
                 vector(format!("{p}.post_attention_layernorm.weight"), h)?,
             ));
             biases.push((
-                vector(format!("{p}.self_attn.q_proj.bias"), c.num_attention_heads * hd)?,
-                vector(format!("{p}.self_attn.k_proj.bias"), c.num_key_value_heads * hd)?,
-                vector(format!("{p}.self_attn.v_proj.bias"), c.num_key_value_heads * hd)?,
+                vector(
+                    format!("{p}.self_attn.q_proj.bias"),
+                    c.num_attention_heads * hd,
+                )?,
+                vector(
+                    format!("{p}.self_attn.k_proj.bias"),
+                    c.num_key_value_heads * hd,
+                )?,
+                vector(
+                    format!("{p}.self_attn.v_proj.bias"),
+                    c.num_key_value_heads * hd,
+                )?,
             ));
         }
         let final_norm = vector("model.norm.weight".into(), h)?;
@@ -170,7 +187,9 @@ impl<B: Backend> Qwen2<B> {
             device,
         );
         let norm_of = |gamma: Param<Tensor<B, 1>>| {
-            let mut n: RmsNorm<B> = RmsNormConfig::new(h).with_epsilon(c.rms_norm_eps).init(device);
+            let mut n: RmsNorm<B> = RmsNormConfig::new(h)
+                .with_epsilon(c.rms_norm_eps)
+                .init(device);
             n.gamma = gamma;
             n
         };
@@ -189,9 +208,27 @@ impl<B: Backend> Qwen2<B> {
                     head_dim: hd,
                 },
                 mlp: Mlp {
-                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), c.intermediate_size, h, None)?,
-                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), c.intermediate_size, h, None)?,
-                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), h, c.intermediate_size, None)?,
+                    gate_proj: linear(
+                        src,
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        None,
+                    )?,
+                    up_proj: linear(
+                        src,
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        h,
+                        None,
+                    )?,
+                    down_proj: linear(
+                        src,
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        None,
+                    )?,
                 },
                 input_layernorm: norm_of(n1),
                 post_attention_layernorm: norm_of(n2),
@@ -215,7 +252,8 @@ impl<B: Backend> Qwen2<B> {
     /// A model with random weights (normal, std 0.02; norms near 1; small biases), for
     /// benchmarks and tests. Deterministic for a given `seed`.
     pub fn init_random(config: &Qwen2Config, seed: u64, device: &B::Device) -> Self {
-        Self::build(config, &mut RandomSource::new(seed), device).expect("random source never fails")
+        Self::build(config, &mut RandomSource::new(seed), device)
+            .expect("random source never fails")
     }
 
     /// Final hidden states `[b, t, hidden]` (after the last RMSNorm) for `tokens: [b, t]` at
@@ -235,7 +273,10 @@ impl<B: Backend> Qwen2<B> {
             Some(c) => c.push_valid(valid),
             None => valid,
         };
-        let rep = self.layers.first().map_or(1, |l| l.self_attn.n_heads / l.self_attn.n_kv_heads);
+        let rep = self
+            .layers
+            .first()
+            .map_or(1, |l| l.self_attn.n_heads / l.self_attn.n_kv_heads);
         let mask = attention_mask(key_valid, past, t, rep, &device);
         let rope = rope_tables(positions, self.head_dim, self.rope_theta);
         let hidden = self.embed_tokens.dims()[1];
@@ -289,7 +330,10 @@ impl<B: Backend> Qwen2<B> {
             let z = self
                 .logits(hidden.clone().slice([0..b, start..end, 0..h]))
                 .cast(DType::F32);
-            let tgt = targets.clone().slice([0..b, start..end]).unsqueeze_dim::<3>(2);
+            let tgt = targets
+                .clone()
+                .slice([0..b, start..end])
+                .unsqueeze_dim::<3>(2);
             parts.push(log_softmax_gather(z, tgt));
             start = end;
         }
@@ -322,7 +366,10 @@ fn attention_mask<B: Backend>(
     let q = Tensor::<B, 1, Int>::arange(past as i64..(past + t) as i64, device).reshape([t, 1]);
     let k = Tensor::<B, 1, Int>::arange(0..s as i64, device).reshape([1, s]);
     let causal = k.greater(q).reshape([1, 1, t, s]).expand([b, 1, t, s]);
-    let pad = key_valid.bool_not().reshape([b, 1, 1, s]).expand([b, 1, t, s]);
+    let pad = key_valid
+        .bool_not()
+        .reshape([b, 1, 1, s])
+        .expand([b, 1, t, s]);
     causal.bool_or(pad).repeat_dim(2, rep)
 }
 

@@ -33,7 +33,11 @@ pub fn rope_tables<B: Backend>(
 
 /// `x·cos + rotate_half(x)·sin` with `rotate_half([x1, x2]) = [−x2, x1]`; `x` is
 /// `[batch, heads, seq, head_dim]`, the tables broadcast over heads.
-pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
     let half = d / 2;
     let dtype = x.dtype();

@@ -70,16 +70,18 @@ impl SafetensorsSource {
         let mut files = HashMap::new();
         if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-                path: index.clone(),
-                msg: format!("malformed JSON: {e}"),
-            })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                ModelError::Config {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                    path: index.clone(),
+                    msg: format!("malformed JSON: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Config {
                     path: index.clone(),
                     msg: "no `weight_map` object".into(),
-                }
-            })?;
+                })?;
             for (name, shard) in map {
                 let shard = shard.as_str().ok_or_else(|| ModelError::Config {
                     path: index.clone(),
@@ -227,12 +229,18 @@ pub fn hf_tensors<B: Backend>(model: &Qwen2<B>) -> Vec<(String, TensorData)> {
             ("mlp.up_proj", &l.mlp.up_proj),
             ("mlp.down_proj", &l.mlp.down_proj),
         ] {
-            out.push((format!("{p}.{n}.weight"), data(lin.weight.val().transpose())));
+            out.push((
+                format!("{p}.{n}.weight"),
+                data(lin.weight.val().transpose()),
+            ));
             if let Some(b) = &lin.bias {
                 out.push((format!("{p}.{n}.bias"), data(b.val())));
             }
         }
-        out.push((format!("{p}.input_layernorm.weight"), data(l.input_layernorm.gamma.val())));
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            data(l.input_layernorm.gamma.val()),
+        ));
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
             data(l.post_attention_layernorm.gamma.val()),
@@ -249,8 +257,12 @@ fn encode(data: &TensorData, dtype: SaveDtype) -> Vec<u8> {
     let values = data.iter::<f32>();
     match dtype {
         SaveDtype::F32 => values.flat_map(|x| x.to_le_bytes()).collect(),
-        SaveDtype::Bf16 => values.flat_map(|x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        SaveDtype::F16 => values.flat_map(|x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        SaveDtype::Bf16 => values
+            .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        SaveDtype::F16 => values
+            .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
     }
 }
 
@@ -290,8 +302,11 @@ pub fn save_qwen2<B: Backend>(
         size += t.2.len();
     }
     let n = shards.len();
-    let metadata: Option<HashMap<String, String>> =
-        Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+    let metadata: Option<HashMap<String, String>> = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
     let mut weight_map = BTreeMap::new();
     for (k, members) in shards.iter().enumerate() {
         let file = if n == 1 {

@@ -14,7 +14,9 @@ type B = NdArray<f32>;
 const MODELS: [&str; 3] = ["tied-bf16-sharded", "untied-f32-mha", "tied-f16-gqa"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/qwen2")
+        .join(name)
 }
 
 fn reference(name: &str) -> Value {
@@ -23,11 +25,19 @@ fn reference(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn int2(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
@@ -55,16 +65,27 @@ fn full_logprobs(model: &Qwen2<B>, seq: &[i64]) -> Vec<f32> {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn last_logits(model: &Qwen2<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
     let [b, t, h] = hidden.dims();
-    model.logits(hidden.slice([0..b, t - 1..t, 0..h])).into_data().to_vec::<f32>().unwrap()
+    model
+        .logits(hidden.slice([0..b, t - 1..t, 0..h]))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
 }
 
 fn argmax(x: &[f32]) -> i64 {
-    x.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as i64
+    x.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as i64
 }
 
 /// Greedy decoding through the KV cache: prefill the prompt, then one token per step.
@@ -97,7 +118,12 @@ fn logprobs_match_transformers_within_1e4() {
     for name in MODELS {
         let (_, model) = load_qwen2::<B>(&fixture(name), &Default::default()).unwrap();
         let r = reference(name);
-        for (seq, want) in r["sequences"].as_array().unwrap().iter().zip(r["logprobs"].as_array().unwrap()) {
+        for (seq, want) in r["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(r["logprobs"].as_array().unwrap())
+        {
             let got = full_logprobs(&model, &ids(seq));
             let d = max_abs_diff(&got, &floats(want));
             assert!(d < 1e-4, "{name}: max |Δ logprob| = {d:e}");
@@ -115,18 +141,22 @@ fn greedy_tokens_match_transformers_where_the_margin_is_clear() {
         let got = greedy(&model, &config, &ids(&g["prompt_ids"]), want.len());
         // Compare up to the first step whose top-2 margin is within 1e-2 (a tie could go either way).
         let clear = margins.iter().take_while(|m| **m > 1e-2).count();
-        assert!(clear >= 4, "{name}: fixture has too few clear steps ({clear})");
+        assert!(
+            clear >= 4,
+            "{name}: fixture has too few clear steps ({clear})"
+        );
         assert_eq!(got[..clear], want[..clear], "{name}: greedy tokens differ");
     }
 }
 
 #[test]
 fn cached_decode_equals_full_forward() {
-    let (config, model) = load_qwen2::<B>(&fixture("tied-bf16-sharded"), &Default::default()).unwrap();
+    let (config, model) =
+        load_qwen2::<B>(&fixture("tied-bf16-sharded"), &Default::default()).unwrap();
     let seq = ids(&reference("tied-bf16-sharded")["sequences"][2]);
     let t = seq.len();
     let full = model.logits(model.hidden(
-        int2(&[seq.clone()]),
+        int2(std::slice::from_ref(&seq)),
         int2(&[(0..t as i64).collect()]),
         bool2(&[vec![true; t]]),
         None,
@@ -146,7 +176,12 @@ fn cached_decode_equals_full_forward() {
         .to_vec::<f32>()
         .unwrap();
     for (j, &tok) in seq.iter().enumerate().skip(split) {
-        let h = model.hidden(int2(&[vec![tok]]), int2(&[vec![j as i64]]), bool2(&[vec![true]]), Some(&mut cache));
+        let h = model.hidden(
+            int2(&[vec![tok]]),
+            int2(&[vec![j as i64]]),
+            bool2(&[vec![true]]),
+            Some(&mut cache),
+        );
         stepwise.extend(model.logits(h).into_data().to_vec::<f32>().unwrap());
     }
     assert_eq!(stepwise.len(), t * v);
@@ -158,13 +193,22 @@ fn cached_decode_equals_full_forward() {
 fn left_padded_batch_equals_each_row_alone() {
     for name in MODELS {
         let (config, model) = load_qwen2::<B>(&fixture(name), &Default::default()).unwrap();
-        let seqs: Vec<Vec<i64>> = reference(name)["sequences"].as_array().unwrap().iter().map(ids).collect();
+        let seqs: Vec<Vec<i64>> = reference(name)["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         let width = seqs.iter().map(Vec::len).max().unwrap();
         let pad = config.eos_token_ids[0] as i64;
-        let tokens: Vec<Vec<i64>> =
-            seqs.iter().map(|s| [vec![pad; width - s.len()], s.clone()].concat()).collect();
-        let valid: Vec<Vec<bool>> =
-            seqs.iter().map(|s| [vec![false; width - s.len()], vec![true; s.len()]].concat()).collect();
+        let tokens: Vec<Vec<i64>> = seqs
+            .iter()
+            .map(|s| [vec![pad; width - s.len()], s.clone()].concat())
+            .collect();
+        let valid: Vec<Vec<bool>> = seqs
+            .iter()
+            .map(|s| [vec![false; width - s.len()], vec![true; s.len()]].concat())
+            .collect();
         // HF convention: position = cumsum(mask) − 1, padding at 1 (irrelevant, it is masked).
         let positions: Vec<Vec<i64>> = seqs
             .iter()
@@ -172,15 +216,32 @@ fn left_padded_batch_equals_each_row_alone() {
             .collect();
         // Batched prefill of all but the last token through the cache, then one decode step.
         let mut cache = KvCache::<B>::new(&config, seqs.len(), width, &Default::default());
-        let cut = |rows: &[Vec<i64>], r: std::ops::Range<usize>| rows.iter().map(|x| x[r.clone()].to_vec()).collect::<Vec<_>>();
-        let vcut = valid.iter().map(|x| x[..width - 1].to_vec()).collect::<Vec<_>>();
-        let h = model.hidden(int2(&cut(&tokens, 0..width - 1)), int2(&cut(&positions, 0..width - 1)), bool2(&vcut), Some(&mut cache));
+        let cut = |rows: &[Vec<i64>], r: std::ops::Range<usize>| {
+            rows.iter()
+                .map(|x| x[r.clone()].to_vec())
+                .collect::<Vec<_>>()
+        };
+        let vcut = valid
+            .iter()
+            .map(|x| x[..width - 1].to_vec())
+            .collect::<Vec<_>>();
+        let h = model.hidden(
+            int2(&cut(&tokens, 0..width - 1)),
+            int2(&cut(&positions, 0..width - 1)),
+            bool2(&vcut),
+            Some(&mut cache),
+        );
         let mut batch_lp = Vec::new();
         let hidden = h.dims()[2];
         let last_tokens = cut(&tokens, width - 1..width);
         let prefill_lp = model.token_logprobs(h, int2(&cut(&tokens, 1..width)), 4);
         let prefill_lp = prefill_lp.into_data().to_vec::<f32>().unwrap();
-        let h2 = model.hidden(int2(&last_tokens), int2(&cut(&positions, width - 1..width)), bool2(&vec![vec![true]; seqs.len()]), Some(&mut cache));
+        let h2 = model.hidden(
+            int2(&last_tokens),
+            int2(&cut(&positions, width - 1..width)),
+            bool2(&vec![vec![true]; seqs.len()]),
+            Some(&mut cache),
+        );
         let step_logits = model.logits(h2).into_data().to_vec::<f32>().unwrap();
         let _ = hidden;
         for (i, s) in seqs.iter().enumerate() {
@@ -191,11 +252,19 @@ fn left_padded_batch_equals_each_row_alone() {
             assert!(d < 1e-5, "{name} row {i}: padded vs alone max diff {d:e}");
             // The decode step after the padded prefill equals the unpadded model's next logits.
             let t = s.len();
-            let h = model.hidden(int2(&[s.clone()]), int2(&[(0..t as i64).collect()]), bool2(&[vec![true; t]]), None);
+            let h = model.hidden(
+                int2(std::slice::from_ref(s)),
+                int2(&[(0..t as i64).collect()]),
+                bool2(&[vec![true; t]]),
+                None,
+            );
             let alone_next = last_logits(&model, h);
             let v = config.vocab_size;
             let d = max_abs_diff(&step_logits[i * v..(i + 1) * v], &alone_next);
-            assert!(d < 1e-5, "{name} row {i}: padded decode step vs alone max diff {d:e}");
+            assert!(
+                d < 1e-5,
+                "{name} row {i}: padded decode step vs alone max diff {d:e}"
+            );
         }
     }
 }
@@ -214,11 +283,17 @@ fn export_reimport_is_bit_identical_single_and_sharded() {
         for shard in [usize::MAX, 4096] {
             let dir = tempfile::tempdir().unwrap();
             save_qwen2(&model, &config, dir.path(), SaveDtype::F32, shard).unwrap();
-            assert_eq!(dir.path().join("model.safetensors.index.json").exists(), shard == 4096);
+            assert_eq!(
+                dir.path().join("model.safetensors.index.json").exists(),
+                shard == 4096
+            );
             let (config2, model2) = load_qwen2::<B>(dir.path(), &Default::default()).unwrap();
             assert_eq!(config2.num_parameters(), config.num_parameters());
             assert_eq!(config2.rope_theta, config.rope_theta);
-            assert!(all_weights(&model) == all_weights(&model2), "{name}: weights changed");
+            assert!(
+                all_weights(&model) == all_weights(&model2),
+                "{name}: weights changed"
+            );
         }
         // bf16 storage of weights that came from bf16 is exact too.
         if name == "tied-bf16-sharded" {
@@ -259,31 +334,48 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
     // Missing shard.
     let d = tmp.path().join("missing-shard");
     copy_dir(&fixture("tied-bf16-sharded"), &d);
     std::fs::remove_file(d.join("model-00003-of-00010.safetensors")).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("model-00003-of-00010.safetensors") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("model-00003-of-00010.safetensors") && e.contains("does not exist"),
+        "{e}"
+    );
     // A tensor with the wrong shape: claim one more layer-0 head dimension in config → q_proj mismatch.
     let d = tmp.path().join("wrong-shape");
     copy_dir(&fixture("untied-f32-mha"), &d);
     let cfg = d.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 96", "\"intermediate_size\": 97");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 96", "\"intermediate_size\": 97");
     std::fs::write(&cfg, text).unwrap();
     let e = load_err(&d);
-    assert!(e.contains("mlp.gate_proj.weight") && e.contains("[96, 48]") && e.contains("[97, 48]"), "{e}");
+    assert!(
+        e.contains("mlp.gate_proj.weight") && e.contains("[96, 48]") && e.contains("[97, 48]"),
+        "{e}"
+    );
     // Malformed config.json.
     let d = tmp.path().join("bad-config");
     copy_dir(&fixture("untied-f32-mha"), &d);
     std::fs::write(d.join("config.json"), "{\"hidden_size\": 48,").unwrap();
     let e = load_err(&d);
-    assert!(e.contains("config.json") && e.contains("malformed JSON"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("malformed JSON"),
+        "{e}"
+    );
     // Missing key, sliding window, unknown architecture.
     for (text, needle) in [
         (r#"{"hidden_size": 8}"#, "missing key `vocab_size`"),
-        (r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 8}"#, "unsupported architectures"),
+        (
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 8}"#,
+            "unsupported architectures",
+        ),
         (
             r#"{"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                 "num_attention_heads": 3, "num_key_value_heads": 1}"#,
@@ -302,11 +394,17 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     let d = tmp.path().join("missing-tensor");
     copy_dir(&fixture("tied-f16-gqa"), &d);
     let text = std::fs::read_to_string(d.join("config.json")).unwrap();
-    let text = text.replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false");
+    let text = text.replace(
+        "\"tie_word_embeddings\": true",
+        "\"tie_word_embeddings\": false",
+    );
     std::fs::write(d.join("config.json"), text).unwrap();
     let e = load_err(&d);
     assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
-    assert!(matches!(load_qwen2::<B>(&d, &Default::default()), Err(ModelError::MissingTensor { .. })));
+    assert!(matches!(
+        load_qwen2::<B>(&d, &Default::default()),
+        Err(ModelError::MissingTensor { .. })
+    ));
 }
 
 #[test]
@@ -314,7 +412,14 @@ fn both_config_layouts_parse() {
     let new = Qwen2Config::from_dir(&fixture("tied-bf16-sharded")).unwrap();
     assert_eq!(new.rope_theta, 1e6);
     assert!(new.tie_word_embeddings);
-    assert_eq!((new.num_attention_heads, new.num_key_value_heads, new.head_dim), (4, 2, 16));
+    assert_eq!(
+        (
+            new.num_attention_heads,
+            new.num_key_value_heads,
+            new.head_dim
+        ),
+        (4, 2, 16)
+    );
     let old = Qwen2Config::from_dir(&fixture("untied-f32-mha")).unwrap();
     assert_eq!(old.rope_theta, 1e4);
     assert!(!old.tie_word_embeddings);
