@@ -200,6 +200,20 @@ fn option_list(v: &Value) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// An optional string field.
+fn opt_str(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+/// An id given as a string or a number, or `fallback()` when absent.
+fn id_field(v: &Value, key: &str, fallback: impl FnOnce() -> String) -> String {
+    match v.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => fallback(),
+        Some(other) => other.to_string(),
+    }
+}
+
 fn letter_of(s: &str, n: usize) -> Result<char, String> {
     let t = s.trim();
     let mut chars = t.chars();
@@ -244,11 +258,13 @@ fn parse_row(v: &Value, format: DataFormat, line: usize) -> Result<McqaItem, Str
                     return Err(format!("`answer` text disagrees with options[{answer}]"));
                 }
             }
-            let category = v
-                .get("meta_info")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            (format!("medqa-{line}"), options, answer, category, None)
+            (
+                format!("medqa-{line}"),
+                options,
+                answer,
+                opt_str(v, "meta_info"),
+                None,
+            )
         }
         DataFormat::MmluPro => {
             let options = option_list(v)?;
@@ -258,16 +274,14 @@ fn parse_row(v: &Value, format: DataFormat, line: usize) -> Result<McqaItem, Str
                     return Err(format!("answer_index {idx} disagrees with answer {answer}"));
                 }
             }
-            let id = v
-                .get("question_id")
-                .map(|x| x.to_string().trim_matches('"').to_string())
-                .unwrap_or_else(|| format!("mmlu-pro-{line}"));
-            let category = v
-                .get("category")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            let source = v.get("src").and_then(Value::as_str).map(str::to_string);
-            (id, options, answer, category, source)
+            let id = id_field(v, "question_id", || format!("mmlu-pro-{line}"));
+            (
+                id,
+                options,
+                answer,
+                opt_str(v, "category"),
+                opt_str(v, "src"),
+            )
         }
         DataFormat::Generic | DataFormat::Auto => {
             let options = option_list(v)?;
@@ -288,15 +302,8 @@ fn parse_row(v: &Value, format: DataFormat, line: usize) -> Result<McqaItem, Str
                 }
                 _ => return Err("missing key `answer` (a letter or a 0-based index)".into()),
             };
-            let id = v
-                .get("id")
-                .map(|x| x.to_string().trim_matches('"').to_string())
-                .unwrap_or_else(|| format!("item-{line}"));
-            let category = v
-                .get("category")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            (id, options, answer, category, None)
+            let id = id_field(v, "id", || format!("item-{line}"));
+            (id, options, answer, opt_str(v, "category"), None)
         }
     };
     if options.len() > LETTERS.len() {
