@@ -152,6 +152,20 @@ pub fn draw(dist: &[(u32, f64)], rng: &mut StdRng) -> (u32, f64) {
     *dist.last().expect("non-empty distribution")
 }
 
+/// Draws an index from a full probability vector by inverse CDF.
+fn draw_index(probs: &[f64], rng: &mut StdRng) -> (u32, f64) {
+    let u: f64 = rng.random::<f64>();
+    let mut acc = 0.0;
+    for (i, &p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return (i as u32, p);
+        }
+    }
+    let last = probs.len() - 1;
+    (last as u32, probs[last])
+}
+
 fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, v) in x.iter().enumerate() {
@@ -263,17 +277,25 @@ pub fn generate_from<B: Backend>(
         let mut keep = Vec::with_capacity(active.len());
         for (i, row) in active.iter_mut().enumerate() {
             let z = &logits[i * vocab..(i + 1) * vocab];
-            let dist = sampling_distribution(z, params);
-            let (tok, q) = if dist.len() == 1 {
-                (dist[0].0, 1.0)
+            let lsm = log_softmax(z);
+            // One pass of exp serves the entropy and, for plain temperature-1 sampling, the draw.
+            let probs: Vec<f64> = lsm.iter().map(|&l| (l as f64).exp()).collect();
+            let entropy = -probs
+                .iter()
+                .zip(&lsm)
+                .map(|(p, &l)| p * l as f64)
+                .sum::<f64>();
+            let plain = params.temperature == 1.0
+                && (params.top_k == 0 || params.top_k >= probs.len())
+                && params.top_p >= 1.0;
+            let (tok, q) = if params.temperature <= 0.0 {
+                (argmax(z) as u32, 1.0)
+            } else if plain {
+                draw_index(&probs, &mut row.rng)
             } else {
+                let dist = sampling_distribution(z, params);
                 draw(&dist, &mut row.rng)
             };
-            let lsm = log_softmax(z);
-            let entropy = -lsm
-                .iter()
-                .map(|&l| (l as f64).exp() * l as f64)
-                .sum::<f64>();
             row.out.output_ids.push(tok);
             row.out.logprobs.push(lsm[tok as usize]);
             row.out.entropies.push(entropy as f32);
