@@ -39,6 +39,87 @@ pub enum Command {
     Train(TrainArgs),
     /// Rebuild the demo task and tiny model shipped in assets/demo (see src/demo.rs).
     DemoAssets(DemoArgs),
+    /// Evaluate a model on MCQA files: accuracy and format rate with bootstrap std, per category.
+    Eval(EvalArgs),
+    /// The SFT baseline: direct template, loss on the answer letter and the end token.
+    Sft(SftArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: crate::task::DataFormat,
+    #[arg(long)]
+    pub category: Option<String>,
+    #[arg(long)]
+    pub none_of_the_above: bool,
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// The paper: 10.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Learning rate; repeat for a grid (the paper: 1e-5, 5e-6, 1e-6), one run folder each.
+    #[arg(long = "lr", default_values_t = vec![1e-5])]
+    pub lr: Vec<f64>,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "sft-out")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset files; several give one table with a column each.
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: crate::task::DataFormat,
+    /// Keep only this category (MMLU-Pro `category`, MedQA `meta_info`), e.g. `health`.
+    #[arg(long)]
+    pub category: Option<String>,
+    #[arg(long, value_enum, default_value = "r1")]
+    pub prompt: crate::prompt::PromptStyle,
+    /// Generations per question.
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// At most this many questions per dataset.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Prompts per sampler batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long)]
+    pub strict: bool,
+    #[arg(long)]
+    pub none_of_the_above: bool,
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Bootstrap resamples.
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Row label in the table (default: the model folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Output folder (generations.jsonl, summary.json, table.md).
+    #[arg(long, default_value = "eval-out")]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -177,6 +258,17 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+impl Cli {
+    /// Whether the command computes with the model (and so needs the backend's device).
+    pub fn needs_device(&self) -> bool {
+        match &self.command {
+            Command::Score(_) => false,
+            Command::Bench(b) => b.verifier.is_none(),
+            _ => true,
+        }
+    }
+}
+
 /// Runs a parsed command line on backend `B` (training commands use `B`, inference its inner
 /// backend).
 pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
@@ -187,6 +279,8 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Score(a) => score(a),
         Command::Train(a) => train::<B>(a, device),
         Command::DemoAssets(a) => crate::demo::build::<B>(&a.out, a.seed, a.sft_epochs, &device),
+        Command::Eval(a) => eval::<B::InnerBackend>(a, &device),
+        Command::Sft(a) => sft::<B>(a, &device),
     }
 }
 
@@ -498,5 +592,184 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         out.join("metrics.jsonl").display(),
         out.join("final").display()
     );
+    Ok(())
+}
+
+fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
+    use crate::eval::{self as ev, ScoreSettings};
+    use crate::task::{self, LoadOptions};
+    let (config, model, tok) = load_model::<B>(&a.model, device)?;
+    let settings = ScoreSettings {
+        style: a.prompt,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            max_new_tokens: a.max_new_tokens,
+            stop_token_ids: vec![tok.eos_id()?],
+            stop_strings: match a.prompt {
+                crate::prompt::PromptStyle::R1 => vec!["</answer>".into()],
+                crate::prompt::PromptStyle::Direct => vec!["\n".into()],
+            },
+            n: a.n,
+            seed: a.seed,
+            ..Default::default()
+        },
+        verifier: crate::verifier::VerifierConfig {
+            strict: a.strict,
+            ..Default::default()
+        },
+        batch: a.batch,
+    };
+    let opts = LoadOptions {
+        category: a.category.clone(),
+        none_of_the_above: a.none_of_the_above,
+        skip_invalid: a.skip_invalid,
+    };
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create", a.out.display()))?;
+    let gen_path = a.out.join("generations.jsonl");
+    let mut gen_file = std::io::BufWriter::new(
+        std::fs::File::create(&gen_path)
+            .with_context(|| format!("{}: cannot create", gen_path.display()))?,
+    );
+    let mut reports = Vec::new();
+    for path in &a.data {
+        let mut ds = task::load(path, a.format, &opts)?;
+        if !ds.skipped.is_empty() {
+            eprintln!(
+                "{}: skipped {} malformed rows",
+                path.display(),
+                ds.skipped.len()
+            );
+        }
+        if let Some(k) = a.limit {
+            ds.items.truncate(k);
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let t0 = std::time::Instant::now();
+        let gens = ev::generate_and_score(&model, &config, &tok, &ds.items, &settings, device)?;
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "{name}: {} questions in {secs:.1} s ({:.3} s per question)",
+            ds.items.len(),
+            secs / ds.items.len().max(1) as f64
+        );
+        for g in &gens {
+            let mut v = serde_json::to_value(g)?;
+            v["dataset"] = json!(name);
+            writeln!(gen_file, "{v}")?;
+        }
+        reports.push(ev::report(
+            &name,
+            &path.display().to_string(),
+            ds.items.len(),
+            &gens,
+            a.resamples,
+            a.seed,
+        ));
+    }
+    gen_file.flush()?;
+    let model_name = a.name.clone().unwrap_or_else(|| {
+        a.model
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default()
+    });
+    let summary = json!({"model": model_name, "model_path": a.model, "prompt": a.prompt, "n": a.n, "temperature": a.temperature,
+        "bootstrap_resamples": a.resamples, "seed": a.seed, "datasets": reports});
+    std::fs::write(
+        a.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    let table = ev::markdown_table(&[(model_name, reports)]);
+    std::fs::write(a.out.join("table.md"), &table)?;
+    print!("{table}");
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+/// `(direct prompt, " X<|endoftext|>")` token pairs for SFT.
+pub fn sft_pairs(
+    items: &[crate::task::McqaItem],
+    tok: &Tokenizer,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    use crate::prompt::{self, PromptStyle};
+    let eos = tok.eos_id()?;
+    items
+        .iter()
+        .map(|it| {
+            let mut target = tok.encode(&prompt::direct_target(it))?;
+            target.push(eos);
+            Ok((
+                tok.encode(&prompt::render(it, PromptStyle::Direct))?,
+                target,
+            ))
+        })
+        .collect()
+}
+
+fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
+    use crate::sft::{self as s, SftConfig};
+    use burn::module::AutodiffModule;
+    let opts = crate::task::LoadOptions {
+        category: a.category.clone(),
+        none_of_the_above: a.none_of_the_above,
+        skip_invalid: a.skip_invalid,
+    };
+    let ds = crate::task::load(&a.data, a.format, &opts)?;
+    let tok = Tokenizer::from_dir(&a.model)?;
+    let pairs = sft_pairs(&ds.items, &tok)?;
+    let steps_per_epoch = pairs.len().div_ceil(a.batch.max(1));
+    for &lr in &a.lr {
+        let (config, model) = load_qwen2::<B>(&a.model, device)?;
+        let out = if a.lr.len() > 1 {
+            a.out.join(format!("lr-{lr:e}"))
+        } else {
+            a.out.clone()
+        };
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("{}: cannot create", out.display()))?;
+        let mut metrics =
+            std::io::BufWriter::new(std::fs::File::create(out.join("metrics.jsonl"))?);
+        let cfg = SftConfig {
+            epochs: a.epochs,
+            batch: a.batch,
+            lr,
+            optim: Default::default(),
+            seed: a.seed,
+            logprob_chunk: 64,
+        };
+        let mut io_err = None;
+        let (trained, hist) = s::train(model, &pairs, &cfg, device, |st| {
+            if let Err(e) = writeln!(metrics, "{}", serde_json::to_string(st).unwrap_or_default()) {
+                io_err.get_or_insert(e);
+            }
+            if (st.step + 1) % steps_per_epoch == 0 {
+                eprintln!("lr {lr:e} epoch {} loss {:.4}", st.epoch + 1, st.loss);
+            }
+        })?;
+        if let Some(e) = io_err {
+            return Err(e).context("cannot write metrics.jsonl");
+        }
+        metrics.flush()?;
+        let dir = out.join("final");
+        qwen2_burn::save_qwen2(
+            &trained.valid(),
+            &config,
+            &dir,
+            qwen2_burn::SaveDtype::F32,
+            5 << 30,
+        )?;
+        std::fs::copy(tok.path(), dir.join("tokenizer.json"))?;
+        eprintln!(
+            "lr {lr:e}: {} steps, final loss {:.4}, model in {}",
+            hist.len(),
+            hist.last().map_or(f64::NAN, |h| h.loss),
+            dir.display()
+        );
+    }
     Ok(())
 }

@@ -93,3 +93,132 @@ pub fn generate_and_score<B: Backend>(
     }
     Ok(out)
 }
+
+/// Bootstrap: the mean of `outcomes` and the standard deviation of the mean over `resamples`
+/// resamples with replacement (seeded). For 0/1 outcomes this approaches the binomial standard
+/// error `√(p(1−p)/n)`; the paper reports accuracy ± this std over 1,000 resamples.
+pub fn bootstrap(outcomes: &[f64], resamples: usize, seed: u64) -> (f64, f64) {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let n = outcomes.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let mean = outcomes.iter().sum::<f64>() / n as f64;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let means: Vec<f64> = (0..resamples)
+        .map(|_| {
+            (0..n)
+                .map(|_| outcomes[rng.random_range(0..n)])
+                .sum::<f64>()
+                / n as f64
+        })
+        .collect();
+    let m = means.iter().sum::<f64>() / resamples.max(1) as f64;
+    let var = means.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (resamples.max(2) - 1) as f64;
+    (mean, var.sqrt())
+}
+
+/// Accuracy, format rate and reward with bootstrap std, and the stage histogram, of a set of
+/// generations.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scores {
+    pub generations: usize,
+    pub accuracy: f64,
+    pub accuracy_std: f64,
+    pub format_rate: f64,
+    pub format_rate_std: f64,
+    pub reward_mean: f64,
+    pub stages: std::collections::BTreeMap<String, usize>,
+}
+
+impl Scores {
+    pub fn of<'a>(
+        gens: impl IntoIterator<Item = &'a Generation> + Clone,
+        resamples: usize,
+        seed: u64,
+    ) -> Self {
+        let acc: Vec<f64> = gens
+            .clone()
+            .into_iter()
+            .map(|g| g.verdict.correct as u8 as f64)
+            .collect();
+        let fmt: Vec<f64> = gens
+            .clone()
+            .into_iter()
+            .map(|g| g.verdict.format_ok as u8 as f64)
+            .collect();
+        let summary = verifier::Summary::from_verdicts(gens.into_iter().map(|g| &g.verdict));
+        let (accuracy, accuracy_std) = bootstrap(&acc, resamples, seed);
+        let (format_rate, format_rate_std) = bootstrap(&fmt, resamples, seed.wrapping_add(1));
+        Self {
+            generations: acc.len(),
+            accuracy,
+            accuracy_std,
+            format_rate,
+            format_rate_std,
+            reward_mean: summary.reward_mean,
+            stages: summary.stages,
+        }
+    }
+}
+
+/// One dataset's evaluation: overall and per category (MedQA `meta_info`, MMLU-Pro `category`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DatasetReport {
+    pub name: String,
+    pub path: String,
+    pub items: usize,
+    pub overall: Scores,
+    pub per_category: std::collections::BTreeMap<String, Scores>,
+}
+
+pub fn report(
+    name: &str,
+    path: &str,
+    items: usize,
+    gens: &[Generation],
+    resamples: usize,
+    seed: u64,
+) -> DatasetReport {
+    let mut cats: std::collections::BTreeMap<String, Vec<&Generation>> = Default::default();
+    for g in gens {
+        cats.entry(g.category.clone().unwrap_or_else(|| "-".into()))
+            .or_default()
+            .push(g);
+    }
+    DatasetReport {
+        name: name.to_string(),
+        path: path.to_string(),
+        items,
+        overall: Scores::of(gens.iter(), resamples, seed),
+        per_category: cats
+            .into_iter()
+            .map(|(c, v)| (c, Scores::of(v.iter().copied(), resamples, seed)))
+            .collect(),
+    }
+}
+
+/// A Figure-3-style markdown table: one row per model, one column per dataset, `acc ± std` in %.
+pub fn markdown_table(rows: &[(String, Vec<DatasetReport>)]) -> String {
+    let Some((_, first)) = rows.first() else {
+        return String::new();
+    };
+    let mut s = String::from("| model |");
+    for d in first {
+        s.push_str(&format!(" {} (n={}) |", d.name, d.items));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---|".repeat(first.len()));
+    for (model, ds) in rows {
+        s.push_str(&format!("\n| {model} |"));
+        for d in ds {
+            s.push_str(&format!(
+                " {:.2} ± {:.2} |",
+                100.0 * d.overall.accuracy,
+                100.0 * d.overall.accuracy_std
+            ));
+        }
+    }
+    s.push('\n');
+    s
+}

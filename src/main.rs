@@ -37,9 +37,15 @@ fn check_device(
             .cloned()
             .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_default();
-        let first = msg.lines().next().unwrap_or("").to_string();
+        let first = msg.lines().next().unwrap_or("");
+        // The runtime's own words, unless they are only an unwrap of an internal channel error.
+        let detail = if first.is_empty() || first.starts_with("called `") {
+            String::new()
+        } else {
+            format!(" ({first})")
+        };
         format!(
-            "this binary was built with --features {} but no usable GPU was found ({first}); \
+            "this binary was built with --features {} but no usable GPU was found{detail}; \
              run on a machine with a GPU and driver, or build without that feature for the CPU",
             if cfg!(feature = "cuda") {
                 "cuda"
@@ -54,9 +60,11 @@ fn main() {
     let cli = Cli::parse();
     let device = <Inner as burn::tensor::backend::BackendTypes>::Device::default();
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
-    if let Err(msg) = check_device(&device) {
-        eprintln!("error: {msg}");
-        std::process::exit(2);
+    if cli.needs_device() {
+        if let Err(msg) = check_device(&device) {
+            eprintln!("error: {msg}");
+            std::process::exit(2);
+        }
     }
     if let Err(e) = cli::run::<Backend>(cli, device) {
         eprintln!("error: {e:#}");
