@@ -43,6 +43,22 @@ pub enum Command {
     Eval(EvalArgs),
     /// The SFT baseline: direct template, loss on the answer letter and the end token.
     Sft(SftArgs),
+    /// Figures: a run's training curves (`--run`), or a bar chart of eval summaries (`--eval`).
+    Plot(PlotArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["run", "eval"])))]
+pub struct PlotArgs {
+    /// A run folder (or its metrics.jsonl): writes training.png and training.svg.
+    #[arg(long)]
+    pub run: Option<PathBuf>,
+    /// One or more eval summary.json files (or eval folders): writes eval.png and eval.svg.
+    #[arg(long, num_args = 1..)]
+    pub eval: Vec<PathBuf>,
+    /// Output folder (default: the run folder, or the current folder for --eval).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -262,7 +278,7 @@ impl Cli {
     /// Whether the command computes with the model (and so needs the backend's device).
     pub fn needs_device(&self) -> bool {
         match &self.command {
-            Command::Score(_) => false,
+            Command::Score(_) | Command::Plot(_) => false,
             Command::Bench(b) => b.verifier.is_none(),
             _ => true,
         }
@@ -281,7 +297,27 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::DemoAssets(a) => crate::demo::build::<B>(&a.out, a.seed, a.sft_epochs, &device),
         Command::Eval(a) => eval::<B::InnerBackend>(a, &device),
         Command::Sft(a) => sft::<B>(a, &device),
+        Command::Plot(a) => plot(a),
     }
+}
+
+fn plot(a: PlotArgs) -> Result<()> {
+    let files = if let Some(run) = &a.run {
+        let out = a.out.clone().unwrap_or_else(|| {
+            if run.is_dir() {
+                run.clone()
+            } else {
+                run.parent().map(Path::to_path_buf).unwrap_or_default()
+            }
+        });
+        crate::plot::training_figures(run, &out)?
+    } else {
+        crate::plot::eval_figures(&a.eval, &a.out.unwrap_or_else(|| PathBuf::from(".")))?
+    };
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(())
 }
 
 /// Loads model and tokenizer from a Hugging Face folder.
@@ -586,6 +622,10 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         .and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
     if let (Some((a0, f0)), Some((a1, f1))) = (first, last) {
         eprintln!("held-out accuracy {a0:.3} -> {a1:.3}, format rate {f0:.3} -> {f1:.3}");
+    }
+    match crate::plot::training_figures(&out, &out) {
+        Ok(files) => eprintln!("figures: {}", files[0].display()),
+        Err(e) => eprintln!("warning: no figures ({e:#})"),
     }
     eprintln!(
         "metrics: {}, final model: {}",

@@ -16,6 +16,7 @@ pub mod experience;
 pub mod loss;
 pub mod optimizer;
 pub mod parquet_rows;
+pub mod plot;
 pub mod prompt;
 pub mod sft;
 pub mod task;
