@@ -15,7 +15,7 @@ fn metrics_line(step: usize) -> String {
         k = 0.01 * s,
         ff = 20 - step,
         cs = step,
-        ev = if step % 5 == 0 {
+        ev = if step.is_multiple_of(5) {
             format!(
                 r#","eval_accuracy":{},"eval_format_rate":{}"#,
                 s / 40.0,
