@@ -45,6 +45,24 @@ pub enum Command {
     Sft(SftArgs),
     /// Figures: a run's training curves (`--run`), or a bar chart of eval summaries (`--eval`).
     Plot(PlotArgs),
+    /// Write a checkpoint's (or run's) policy as a full Hugging Face folder that transformers loads.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// A checkpoint folder, a run folder (its latest checkpoint, else its `final/`), or a model
+    /// folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Stored dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// The base model of a LoRA checkpoint (default: the path recorded in adapter_config.json).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +111,9 @@ pub struct SftArgs {
 pub struct EvalArgs {
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter folder (PEFT layout) to apply to --model (merged before generating).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Dataset files; several give one table with a column each.
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
@@ -158,6 +179,16 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Write a checkpoint every K steps (overrides `train.save_every`).
+    #[arg(long, value_name = "K")]
+    pub save_every: Option<usize>,
+    /// Continue a run: a checkpoint folder, a run folder (its latest checkpoint), or `latest`
+    /// (the latest in `--out`). Without `--config`, the checkpoint's config is used.
+    #[arg(long, value_name = "DIR|latest")]
+    pub resume: Option<PathBuf>,
+    /// Resume even when the config differs from the checkpoint's in a way that changes the math.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -298,7 +329,72 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Eval(a) => eval::<B::InnerBackend>(a, &device),
         Command::Sft(a) => sft::<B>(a, &device),
         Command::Plot(a) => plot(a),
+        Command::Export(a) => export::<B::InnerBackend>(a, &device),
     }
+}
+
+/// The base model folder recorded in an adapter's `adapter_config.json`.
+fn adapter_base(adapter: &Path) -> Result<PathBuf> {
+    let p = adapter.join("adapter_config.json");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", p.display()))?;
+    cfg.get("base_model_name_or_path")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+        .filter(|b| b.join("config.json").is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: base_model_name_or_path is not a local model folder; pass --base DIR",
+                p.display()
+            )
+        })
+}
+
+fn export<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
+    use qwen2_burn::SaveDtype;
+    let dtype = match a.dtype.as_str() {
+        "f32" => SaveDtype::F32,
+        "bf16" => SaveDtype::Bf16,
+        "f16" => SaveDtype::F16,
+        other => bail!("--dtype {other}: expected f32, bf16 or f16"),
+    };
+    let src = &a.checkpoint;
+    let actor = if src.join("config.json").is_file() || src.join("adapter_config.json").is_file() {
+        src.clone()
+    } else if src.join("state.json").is_file() || src.join("checkpoints").is_dir() {
+        crate::checkpoint::resolve(src, None)?.join("actor")
+    } else if src.join("final").join("config.json").is_file() {
+        src.join("final")
+    } else {
+        bail!(
+            "{}: not a checkpoint (state.json), a run folder (checkpoints/ or final/), a model \
+             folder (config.json) or an adapter folder (adapter_config.json)",
+            src.display()
+        );
+    };
+    let (config, model, tok) = if actor.join("adapter_config.json").is_file() {
+        // LoRA: merge the adapters into their base (--base, else the path recorded at training).
+        let base = match &a.base {
+            Some(b) => b.clone(),
+            None => adapter_base(&actor)?,
+        };
+        let (config, model, tok) = load_model::<B>(&base, device)?;
+        let (model, _) = qwen2_burn::load_lora(model, &actor, device)?;
+        (config, model.merge_lora(), tok)
+    } else {
+        load_model::<B>(&actor, device)?
+    };
+    qwen2_burn::save_qwen2(&model, &config, &a.out, dtype, 5 << 30)?;
+    let tok_dir = tok
+        .path()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    crate::checkpoint::copy_tokenizer_files(&tok_dir, &a.out)?;
+    println!("{}", a.out.display());
+    Ok(())
 }
 
 fn plot(a: PlotArgs) -> Result<()> {
@@ -604,16 +700,77 @@ fn score(a: ScoreArgs) -> Result<()> {
 }
 
 fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
-    let mut cfg = crate::config::TrainConfig::load(a.config.as_deref(), &a.set)?;
+    use crate::checkpoint;
+    use crate::config::TrainConfig;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let resume = a
+        .resume
+        .as_ref()
+        .map(|r| checkpoint::resolve(r, a.out.as_deref()))
+        .transpose()?;
+    // A checkpoint's config.toml holds resolved paths: read it with an empty base.
+    let saved_cfg = |ck: &Path| -> Result<TrainConfig> {
+        let p = ck.join("config.toml");
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("{}: missing (not a complete checkpoint)", p.display()))?;
+        TrainConfig::from_toml(&text, &p.display().to_string(), &[], Path::new(""))
+    };
+    let mut cfg = match (&a.config, &resume) {
+        (None, Some(ck)) => {
+            let text = std::fs::read_to_string(ck.join("config.toml"))
+                .with_context(|| format!("{}: missing config.toml", ck.display()))?;
+            TrainConfig::from_toml(&text, &ck.display().to_string(), &a.set, Path::new(""))?
+        }
+        _ => TrainConfig::load(a.config.as_deref(), &a.set)?,
+    };
     if let Some(m) = a.model {
         cfg.model.path = m;
     }
     if let Some(d) = a.data {
         cfg.data.train = d;
     }
-    let out = a.out.unwrap_or_else(crate::trainer::default_out_dir);
+    if let Some(k) = a.save_every {
+        cfg.train.save_every = k;
+    }
+    if let Some(ck) = &resume {
+        let diff = checkpoint::math_diff(&saved_cfg(ck)?, &cfg)?;
+        if !diff.is_empty() && !a.force {
+            bail!(
+                "the configuration differs from the checkpoint's ({}) in ways that change the \
+                 math:\n  {}\npass --force to resume anyway",
+                ck.join("config.toml").display(),
+                diff.join("\n  ")
+            );
+        }
+        for d in &diff {
+            eprintln!("warning: resuming with a changed setting: {d}");
+        }
+    }
+    let out = a
+        .out
+        .or_else(|| resume.as_deref().and_then(checkpoint::run_of))
+        .unwrap_or_else(crate::trainer::default_out_dir);
     eprintln!("run folder: {}", out.display());
-    let metrics = crate::trainer::run::<B>(cfg, &out, device, a.quiet)?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: finishing the current step, then writing a checkpoint (again to abort)"
+        );
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")?;
+    let opts = crate::trainer::RunOptions {
+        quiet: a.quiet,
+        resume,
+        stop: Some(stop),
+        inject_nan_steps: vec![],
+    };
+    let outcome = crate::trainer::run::<B>(cfg, &out, device, &opts)?;
+    let metrics = &outcome.metrics;
     let first = metrics
         .first()
         .and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
@@ -627,6 +784,14 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         Ok(files) => eprintln!("figures: {}", files[0].display()),
         Err(e) => eprintln!("warning: no figures ({e:#})"),
     }
+    if let Some(ck) = outcome.interrupted {
+        eprintln!(
+            "stopped cleanly; checkpoint {}; continue with: med-rlvr train --resume {}",
+            ck.display(),
+            ck.display()
+        );
+        return Ok(());
+    }
     eprintln!(
         "metrics: {}, final model: {}",
         out.join("metrics.jsonl").display(),
@@ -639,6 +804,10 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     use crate::eval::{self as ev, ScoreSettings};
     use crate::task::{self, LoadOptions};
     let (config, model, tok) = load_model::<B>(&a.model, device)?;
+    let model = match &a.adapter {
+        Some(dir) => qwen2_burn::load_lora(model, dir, device)?.0.merge_lora(),
+        None => model,
+    };
     let settings = ScoreSettings {
         style: a.prompt,
         sampling: SamplingParams {

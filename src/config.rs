@@ -26,6 +26,39 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     pub train: LoopConfig,
     pub verifier: VerifierConfig,
+    pub lora: LoraConfig,
+}
+
+/// LoRA adapters on a frozen base shared by actor, critic and reference (`rank = 0`: full
+/// fine-tuning). See `model/src/lora.rs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            alpha: 16.0,
+            targets: qwen2_burn::lora::ALL_TARGETS.map(String::from).to_vec(),
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The adapter spec, or `None` for full fine-tuning.
+    pub fn spec(&self) -> Option<qwen2_burn::LoraSpec> {
+        (self.rank > 0).then(|| qwen2_burn::LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +154,12 @@ pub struct LoopConfig {
     pub eval_every: usize,
     /// Decoded rollouts written to samples.jsonl per step.
     pub samples_per_step: usize,
+    /// Write a checkpoint every this many steps (and at the end); 0 = only on interrupt or abort.
+    pub save_every: usize,
+    /// Keep the newest this many checkpoints.
+    pub keep_checkpoints: usize,
+    /// Stop (with a checkpoint) after this many consecutive steps skipped for NaN/Inf.
+    pub max_bad_steps: usize,
 }
 
 impl Default for ModelConfig {
@@ -207,6 +246,9 @@ impl Default for LoopConfig {
             epochs: 1,
             eval_every: 0,
             samples_per_step: 4,
+            save_every: 0,
+            keep_checkpoints: 3,
+            max_bad_steps: 3,
         }
     }
 }
@@ -259,6 +301,9 @@ impl TrainConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(spec) = self.lora.spec() {
+            spec.validate()?;
+        }
         let p = &self.ppo;
         if self.rollout.prompts_per_step == 0 || self.rollout.n == 0 {
             return Err("rollout.prompts_per_step and rollout.n must be positive".into());

@@ -1,12 +1,16 @@
 //! The critic: a Qwen2 backbone with a scalar value head on the final hidden states. The head is
 //! `[hidden, 1]`, no bias, initialised N(0, (1/(hidden+1))²) (OpenRLHF's value head).
 
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use qwen2_burn::linear::Linear;
 use qwen2_burn::Qwen2;
 use rand::{rngs::StdRng, SeedableRng};
 use rand_distr::{Distribution, Normal};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 #[derive(Module, Debug)]
 pub struct Critic<B: Backend> {
@@ -29,8 +33,61 @@ impl<B: Backend> Critic<B> {
                     device,
                 )),
                 bias: None,
+                lora: None,
             },
         }
+    }
+
+    /// Writes the head as `value_head.weight`, `[1, hidden]` (the `[out, in]` layout), f32.
+    pub fn save_head(&self, path: &Path) -> Result<()> {
+        let w: Vec<f32> = self
+            .value_head
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow!("value head: {e:?}"))?;
+        let bytes: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![1, w.len()], &bytes)?;
+        safetensors::serialize_to_file([("value_head.weight", view)], None, path)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    }
+
+    /// A critic on `backbone` with the head read from a file written by [`Critic::save_head`].
+    pub fn load_head(backbone: Qwen2<B>, path: &Path, device: &B::Device) -> Result<Self> {
+        let hidden = backbone.embed_tokens.dims()[1];
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{}: not safetensors: {e}", path.display()))?;
+        let t = st
+            .tensor("value_head.weight")
+            .map_err(|_| anyhow!("{}: no tensor value_head.weight", path.display()))?;
+        if t.dtype() != Dtype::F32 || t.shape() != [1, hidden] {
+            bail!(
+                "{}: value_head.weight is {:?} {:?}, expected F32 [1, {hidden}]",
+                path.display(),
+                t.dtype(),
+                t.shape()
+            );
+        }
+        let w: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(Self {
+            backbone,
+            value_head: Linear {
+                weight: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(w, [hidden, 1]),
+                    device,
+                )),
+                bias: None,
+                lora: None,
+            },
+        })
     }
 
     /// `V` at every position `[b, t]`.

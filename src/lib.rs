@@ -8,6 +8,7 @@ pub mod tokenizer;
 
 pub use qwen2_burn as model;
 pub mod advantages;
+pub mod checkpoint;
 pub mod config;
 pub mod critic;
 pub mod demo;

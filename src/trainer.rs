@@ -6,6 +6,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -13,12 +15,13 @@ use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
-use qwen2_burn::{load_qwen2, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
+use qwen2_burn::{load_lora, load_qwen2, save_lora, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
 use serde::Serialize;
 
 use crate::advantages::{self as adv, Estimator, Grid, KlEstimator};
+use crate::checkpoint::{self as ckpt, LoopState};
 use crate::config::TrainConfig;
 use crate::critic::Critic;
 use crate::eval;
@@ -58,10 +61,16 @@ pub struct StepMetrics {
     /// Greedy held-out accuracy / format rate, on evaluation steps.
     pub eval_accuracy: Option<f64>,
     pub eval_format_rate: Option<f64>,
+    /// Why the step's update was skipped (a NaN or Inf in the KL, a loss or a gradient norm);
+    /// absent on normal steps. Updates applied before the fault in the same step are kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 type ActorOptim<B> = OptimizerAdaptor<AdamW, Qwen2<B>, B>;
 type CriticOptim<B> = OptimizerAdaptor<AdamW, Critic<B>, B>;
+type ActorRecord<B> = <ActorOptim<B> as Optimizer<Qwen2<B>, B>>::Record;
+type CriticRecord<B> = <CriticOptim<B> as Optimizer<Critic<B>, B>>::Record;
 
 pub struct Trainer<B: AutodiffBackend> {
     pub cfg: TrainConfig,
@@ -83,6 +92,10 @@ pub struct Trainer<B: AutodiffBackend> {
     pub total_steps: usize,
     total_opt_steps: usize,
     kl_coef: f64,
+    /// Consecutive skipped steps.
+    pub bad_streak: usize,
+    /// Fault injection for tests: at these steps the policy loss is multiplied by NaN.
+    pub inject_nan_steps: Vec<usize>,
     eos: u32,
     device: B::Device,
 }
@@ -111,10 +124,18 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(cfg: TrainConfig, device: B::Device) -> Result<Self> {
         let dir = &cfg.model.path;
         let tok = Tokenizer::from_dir(dir)?;
-        let (model_config, actor) = load_qwen2::<B>(dir, &device)?;
-        let reference = actor.valid();
+        let (model_config, base) = load_qwen2::<B>(dir, &device)?;
+        // With LoRA the base weights are frozen and shared (tensor clones share storage): the
+        // reference is the base itself, actor and critic each add their own adapters.
+        let lora = cfg.lora.spec();
+        let reference = base.valid();
+        let backbone = |salt: u64| match &lora {
+            Some(spec) => base.clone().with_lora(spec, cfg.seed ^ salt, &device),
+            None => base.clone(),
+        };
+        let actor = backbone(0);
         let critic = (cfg.ppo.estimator == Estimator::Gae)
-            .then(|| Critic::new(actor.clone(), cfg.seed, &device));
+            .then(|| Critic::new(backbone(0xC817), cfg.seed, &device));
         let train_items = load_items(&cfg.data.train, &cfg)?;
         let mut eval_items = match &cfg.data.eval {
             Some(p) => load_items(p, &cfg)?,
@@ -141,6 +162,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             actor_optim: adamw(&cfg.optim).init(),
             critic_optim: critic.as_ref().map(|_| adamw(&cfg.optim).init()),
             kl_coef: cfg.ppo.kl_coef,
+            bad_streak: 0,
+            inject_nan_steps: vec![],
             cfg,
             model_config,
             tok,
@@ -383,7 +406,18 @@ impl<B: AutodiffBackend> Trainer<B> {
             e.returns = returns[i][..n].to_vec();
         }
 
-        // Updates.
+        // Updates (none if the rollout's numbers are not finite).
+        let mut fault: Option<String> = (!kl_mean.is_finite()
+            || exps.iter().any(|e| {
+                e.old_logp
+                    .iter()
+                    .chain(&e.ref_logp)
+                    .chain(&e.advantages)
+                    .chain(&e.returns)
+                    .any(|x| !x.is_finite())
+            }))
+        .then(|| "non-finite log-probs, KL or advantages in the rollout".to_string());
+        let inject_nan = self.inject_nan_steps.contains(&self.step);
         let train_actor = self.step >= cfg.ppo.critic_warmup;
         let mut rng =
             StdRng::seed_from_u64(cfg.seed ^ (self.step as u64).wrapping_mul(0x5851_F42D));
@@ -391,7 +425,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             (0.0, 0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
         let mut lr = 0.0;
         let mut critic_lr = 0.0;
-        for _ in 0..cfg.ppo.ppo_epochs {
+        'update: for _ in 0..cfg.ppo.ppo_epochs {
+            if fault.is_some() {
+                break;
+            }
             let mut order: Vec<usize> = (0..exps.len()).collect();
             order.shuffle(&mut rng);
             for train_batch in order.chunks(cfg.ppo.train_batch) {
@@ -440,6 +477,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                             cfg.ppo.loss_agg,
                         );
                         let mut total = pl.clone();
+                        if inject_nan {
+                            total = total.mul_scalar(f64::NAN);
+                        }
                         if cfg.ppo.use_kl_loss {
                             total = total
                                 + loss::kl_loss(
@@ -449,6 +489,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                                     cfg.ppo.loss_agg,
                                 )
                                 .mul_scalar(self.kl_coef);
+                        }
+                        let total_value = scalar(total.clone());
+                        if !total_value.is_finite() {
+                            fault = Some(format!("policy loss {total_value}"));
+                            break 'update;
                         }
                         pl_sum += scalar(pl) * weight;
                         cf_sum += cf * weight;
@@ -468,7 +513,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                             cfg.ppo.value_clip,
                             cfg.ppo.loss_agg,
                         );
-                        vl_sum += scalar(vl.clone()) * weight;
+                        let vl_value = scalar(vl.clone());
+                        if !vl_value.is_finite() {
+                            fault = Some(format!("value loss {vl_value}"));
+                            break 'update;
+                        }
+                        vl_sum += vl_value * weight;
                         let grads = vl.mul_scalar(weight).backward();
                         acc_critic.accumulate(critic, GradientsParams::from_grads(grads, critic));
                     }
@@ -487,15 +537,29 @@ impl<B: AutodiffBackend> Trainer<B> {
                     cfg.optim.warmup_ratio,
                     cfg.optim.min_lr_ratio,
                 );
-                if train_actor {
-                    let mut g = acc_actor.grads();
-                    gn_sum += clip_global_norm(&self.actor, &mut g, cfg.optim.grad_clip);
+                // Norms first: a non-finite one skips the rest of the step before any update.
+                let mut actor_grads = train_actor.then(|| acc_actor.grads());
+                let mut critic_grads = self.critic.as_ref().map(|_| acc_critic.grads());
+                let gn = match (&mut actor_grads, &self.actor) {
+                    (Some(g), a) => clip_global_norm(a, g, cfg.optim.grad_clip),
+                    _ => 0.0,
+                };
+                let cgn = match (&mut critic_grads, &self.critic) {
+                    (Some(g), Some(c)) => clip_global_norm(c, g, cfg.optim.grad_clip),
+                    _ => 0.0,
+                };
+                if !gn.is_finite() || !cgn.is_finite() {
+                    fault = Some(format!("gradient norm actor {gn}, critic {cgn}"));
+                    break 'update;
+                }
+                gn_sum += gn;
+                cgn_sum += cgn;
+                if let Some(g) = actor_grads {
                     self.actor = self.actor_optim.step(lr, self.actor.clone(), g);
                 }
-                if let (Some(critic), Some(opt)) = (self.critic.take(), self.critic_optim.as_mut())
+                if let (Some(critic), Some(opt), Some(g)) =
+                    (self.critic.take(), self.critic_optim.as_mut(), critic_grads)
                 {
-                    let mut g = acc_critic.grads();
-                    cgn_sum += clip_global_norm(&critic, &mut g, cfg.optim.grad_clip);
                     self.critic = Some(opt.step(critic_lr, critic, g));
                 }
                 self.opt_step += 1;
@@ -504,7 +568,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             n_mb += 1;
         }
         let _ = n_mb;
-        self.update_kl_coef(kl_mean, exps.len());
+        if fault.is_none() {
+            self.update_kl_coef(kl_mean, exps.len());
+            self.bad_streak = 0;
+        } else {
+            self.bad_streak += 1;
+        }
         let summary = Summary::from_verdicts(&verdicts);
         let n_opt = n_opt.max(1) as f64;
         let think: Vec<f64> = verdicts
@@ -544,6 +613,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             stages: summary.stages,
             eval_accuracy: None,
             eval_format_rate: None,
+            skipped: fault,
         };
         let shown: Vec<serde_json::Value> = (0..samples.len().min(cfg.train.samples_per_step))
             .map(|i| {
@@ -571,10 +641,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
     }
 
-    /// Writes the actor as a Hugging Face folder (config, safetensors, tokenizer).
+    /// Writes the actor as a Hugging Face folder (config, safetensors, tokenizer); with LoRA the
+    /// adapters are merged into the base first.
     pub fn save_actor(&self, dir: &Path) -> Result<()> {
         save_qwen2(
-            &self.actor.valid(),
+            &self.actor.valid().merge_lora(),
             &self.model_config,
             dir,
             SaveDtype::F32,
@@ -582,6 +653,132 @@ impl<B: AutodiffBackend> Trainer<B> {
         )?;
         std::fs::copy(self.tok.path(), dir.join("tokenizer.json"))
             .with_context(|| format!("{}: cannot copy tokenizer", dir.display()))?;
+        ckpt::copy_tokenizer_files(&self.cfg.model.path, dir)?;
+        Ok(())
+    }
+
+    /// The loop counters (which, with the seed, determine every random draw).
+    pub fn loop_state(&self) -> LoopState {
+        LoopState {
+            format_version: ckpt::FORMAT_VERSION,
+            step: self.step,
+            epoch: self.epoch,
+            cursor: self.cursor,
+            opt_step: self.opt_step,
+            kl_coef: self.kl_coef,
+            bad_streak: self.bad_streak,
+            seed: self.cfg.seed,
+            rng: "derived: sampler row streams from (seed, step, prompt, sample); epoch shuffle \
+                  from (seed, epoch); PPO mini-batch shuffle from (seed, step)"
+                .into(),
+        }
+    }
+
+    /// Writes a checkpoint of everything a resume needs into `RUN/checkpoints/step-…` (see
+    /// `checkpoint.rs` for the layout); returns its folder.
+    pub fn save_checkpoint(&self, run: &Path) -> Result<PathBuf> {
+        let lora = self.cfg.lora.spec();
+        ckpt::write_atomic(run, self.step, self.cfg.train.keep_checkpoints, |dir| {
+            match &lora {
+                Some(spec) => save_lora(
+                    &self.actor,
+                    spec,
+                    Some(&self.cfg.model.path),
+                    &dir.join("actor"),
+                )?,
+                None => self.save_actor(&dir.join("actor"))?,
+            }
+            let optim = dir.join("optimizer");
+            std::fs::create_dir_all(&optim)?;
+            ckpt::save_record::<B, ActorRecord<B>>(
+                ckpt::to_stable_keys(
+                    self.actor_optim.to_record(),
+                    &ckpt::param_names::<B, _>(&self.actor),
+                )?,
+                &optim.join("actor.mpk"),
+            )?;
+            if let (Some(c), Some(o)) = (&self.critic, &self.critic_optim) {
+                let cdir = dir.join("critic");
+                match &lora {
+                    Some(spec) => save_lora(&c.backbone, spec, Some(&self.cfg.model.path), &cdir)?,
+                    None => save_qwen2(
+                        &c.backbone.valid(),
+                        &self.model_config,
+                        &cdir,
+                        SaveDtype::F32,
+                        5 << 30,
+                    )?,
+                }
+                c.save_head(&cdir.join("value_head.safetensors"))?;
+                ckpt::save_record::<B, CriticRecord<B>>(
+                    ckpt::to_stable_keys(o.to_record(), &ckpt::param_names::<B, _>(c))?,
+                    &optim.join("critic.mpk"),
+                )?;
+            }
+            std::fs::write(dir.join("config.toml"), toml::to_string_pretty(&self.cfg)?)?;
+            ckpt::write_state(dir, &self.loop_state())
+        })
+    }
+
+    /// A checkpoint's model folder: full weights, or (LoRA) adapters on the base `model.path`.
+    fn load_weights(&self, dir: &Path) -> Result<Qwen2<B>> {
+        if self.cfg.lora.spec().is_some() {
+            let (_, base) = load_qwen2::<B>(&self.cfg.model.path, &self.device)?;
+            let (model, spec) = load_lora(base, dir, &self.device)?;
+            if Some(&spec) != self.cfg.lora.spec().as_ref() {
+                bail!(
+                    "{}: adapter rank/alpha/targets differ from the config's [lora]",
+                    dir.display()
+                );
+            }
+            Ok(model)
+        } else {
+            if dir.join("adapter_config.json").exists() {
+                bail!(
+                    "{}: holds LoRA adapters but the config has lora.rank = 0",
+                    dir.display()
+                );
+            }
+            Ok(load_qwen2::<B>(dir, &self.device)?.1)
+        }
+    }
+
+    /// Restores weights, optimizer state and loop counters from a checkpoint folder. The
+    /// reference model stays the start model (`model.path`).
+    pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let st = ckpt::read_state(dir)?;
+        let actor = self.load_weights(&dir.join("actor"))?;
+        let file = dir.join("optimizer").join("actor.mpk");
+        let rec: ActorRecord<B> = ckpt::load_record::<B, _>(&file, &self.device)?;
+        let rec = ckpt::from_stable_keys(rec, &ckpt::param_names::<B, _>(&actor), &file)?;
+        self.actor_optim = adamw(&self.cfg.optim).init().load_record(rec);
+        self.actor = actor;
+        if self.critic.is_some() {
+            let cdir = dir.join("critic");
+            let backbone = self.load_weights(&cdir)?;
+            let critic =
+                Critic::load_head(backbone, &cdir.join("value_head.safetensors"), &self.device)?;
+            let file = dir.join("optimizer").join("critic.mpk");
+            let rec: CriticRecord<B> = ckpt::load_record::<B, _>(&file, &self.device)?;
+            let rec = ckpt::from_stable_keys(rec, &ckpt::param_names::<B, _>(&critic), &file)?;
+            self.critic_optim = Some(adamw(&self.cfg.optim).init().load_record(rec));
+            self.critic = Some(critic);
+        }
+        self.epoch = st.epoch;
+        self.reshuffle();
+        if st.cursor > self.order.len() {
+            bail!(
+                "{}: data cursor {} beyond the training set ({} items): different data?",
+                dir.join("state.json").display(),
+                st.cursor,
+                self.order.len()
+            );
+        }
+        self.cursor = st.cursor;
+        self.step = st.step;
+        self.opt_step = st.opt_step;
+        self.kl_coef = st.kl_coef;
+        self.bad_streak = st.bad_streak;
         Ok(())
     }
 }
@@ -590,20 +787,87 @@ fn scalar<B: burn::tensor::backend::Backend>(t: burn::tensor::Tensor<B, 1>) -> f
     t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
 }
 
-/// The whole run: metrics.jsonl, samples.jsonl, a progress bar, held-out evaluations, the final
-/// actor in `OUT/final`. Returns the metrics of every step.
+/// How [`run`] starts and stops.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    pub quiet: bool,
+    /// Continue from this checkpoint folder (see `checkpoint::resolve`).
+    pub resume: Option<PathBuf>,
+    /// Set (e.g. by a SIGINT/SIGTERM handler) to finish the current step, write a checkpoint and
+    /// return.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Fault injection for tests (see [`Trainer::inject_nan_steps`]).
+    pub inject_nan_steps: Vec<usize>,
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Metrics of the steps run in this process.
+    pub metrics: Vec<StepMetrics>,
+    /// The checkpoint written on an interrupt; `None` when the run finished.
+    pub interrupted: Option<PathBuf>,
+}
+
+/// Keeps the lines of a jsonl file whose `step` is below `step` (a resumed run rewrites what a
+/// crashed one wrote after its last checkpoint), by rewrite and rename.
+fn truncate_jsonl(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| (s as usize) < step)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
+    Ok(())
+}
+
+fn open_log(path: &Path, append: bool) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))
+}
+
+/// The whole run: metrics.jsonl, samples.jsonl, a progress bar, held-out evaluations, periodic
+/// checkpoints (`train.save_every`), resume, the NaN/Inf guard (`train.max_bad_steps`), a clean
+/// stop on `opts.stop`, and the final actor in `OUT/final`.
 pub fn run<B: AutodiffBackend>(
     cfg: TrainConfig,
     out: &Path,
     device: B::Device,
-    quiet: bool,
-) -> Result<Vec<StepMetrics>> {
+    opts: &RunOptions,
+) -> Result<RunOutcome> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let mut trainer = Trainer::<B>::new(cfg, device)?;
-    let mut metrics_file = std::fs::File::create(out.join("metrics.jsonl"))?;
-    let mut samples_file = std::fs::File::create(out.join("samples.jsonl"))?;
-    let bar = if quiet {
+    trainer.inject_nan_steps = opts.inject_nan_steps.clone();
+    let (metrics_path, samples_path) = (out.join("metrics.jsonl"), out.join("samples.jsonl"));
+    if let Some(dir) = &opts.resume {
+        trainer.load_checkpoint(dir)?;
+        truncate_jsonl(&metrics_path, trainer.step)?;
+        truncate_jsonl(&samples_path, trainer.step)?;
+        eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+    }
+    let resumed = opts.resume.is_some();
+    let mut metrics_file = open_log(&metrics_path, resumed)?;
+    let mut samples_file = open_log(&samples_path, resumed)?;
+    let bar = if opts.quiet {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(trainer.total_steps as u64)
@@ -613,10 +877,11 @@ pub fn run<B: AutodiffBackend>(
             .expect("template")
             .progress_chars("=> "),
     );
-    let eval_every = trainer.cfg.train.eval_every;
-    let has_eval = eval_every > 0 && !trainer.eval_items.is_empty();
+    bar.set_position(trainer.step as u64);
+    let tc = trainer.cfg.train.clone();
+    let has_eval = tc.eval_every > 0 && !trainer.eval_items.is_empty();
     let mut all = Vec::new();
-    let mut last_eval = if has_eval {
+    let mut last_eval = if has_eval && trainer.step == 0 {
         Some(trainer.evaluate()?)
     } else {
         None
@@ -626,9 +891,10 @@ pub fn run<B: AutodiffBackend>(
             "step 0 held-out: accuracy {a:.3}, format rate {f:.3}"
         ));
     }
-    for s in 0..trainer.total_steps {
+    while trainer.step < trainer.total_steps {
+        let s = trainer.step;
         let (mut m, shown) = trainer.step()?;
-        if has_eval && ((s + 1) % eval_every == 0 || s + 1 == trainer.total_steps) {
+        if has_eval && ((s + 1) % tc.eval_every == 0 || s + 1 == trainer.total_steps) {
             let (a, f) = trainer.evaluate()?;
             m.eval_accuracy = Some(a);
             m.eval_format_rate = Some(f);
@@ -645,6 +911,9 @@ pub fn run<B: AutodiffBackend>(
         for line in shown {
             writeln!(samples_file, "{line}")?;
         }
+        if let Some(why) = &m.skipped {
+            bar.println(format!("step {s}: update skipped ({why})"));
+        }
         bar.set_message(format!(
             "reward {:+.3} fmt {:.2} acc {:.2} kl {:.4} len {:.0}{}",
             m.reward_mean,
@@ -658,10 +927,46 @@ pub fn run<B: AutodiffBackend>(
         ));
         bar.inc(1);
         all.push(m);
+        if trainer.bad_streak >= tc.max_bad_steps.max(1) {
+            bar.abandon();
+            let ck = trainer.save_checkpoint(out)?;
+            bail!(
+                "{} consecutive steps had NaN/Inf (see `skipped` in {}); stopped with a checkpoint \
+                 at {}: lower optim.actor_lr / optim.grad_clip or check the data, then \
+                 `train --resume {}`",
+                trainer.bad_streak,
+                metrics_path.display(),
+                ck.display(),
+                ck.display()
+            );
+        }
+        let done = trainer.step == trainer.total_steps;
+        if tc.save_every > 0 && (trainer.step % tc.save_every == 0 || done) {
+            trainer.save_checkpoint(out)?;
+        }
+        if !done && opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+            bar.abandon();
+            let ck = trainer.save_checkpoint(out)?;
+            return Ok(RunOutcome {
+                metrics: all,
+                interrupted: Some(ck),
+            });
+        }
     }
     bar.finish();
     trainer.save_actor(&out.join("final"))?;
-    Ok(all)
+    if let Some(spec) = trainer.cfg.lora.spec() {
+        save_lora(
+            &trainer.actor,
+            &spec,
+            Some(&trainer.cfg.model.path),
+            &out.join("final_adapter"),
+        )?;
+    }
+    Ok(RunOutcome {
+        metrics: all,
+        interrupted: None,
+    })
 }
 
 /// A fresh run folder under `runs/` named by time.

@@ -4,13 +4,15 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
-/// `y = x·W + b`.
+/// `y = x·W + b` (plus `s·(x·A)·B` with a LoRA adapter).
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     /// `[in, out]`.
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter (see `lora.rs`), absent on plain layers.
+    pub lora: Option<crate::lora::Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -19,6 +21,7 @@ impl<B: Backend> Linear<B> {
         Self {
             weight: Param::from_tensor(Tensor::zeros([d_in, d_out], device)),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            lora: None,
         }
     }
 
@@ -29,7 +32,11 @@ impl<B: Backend> Linear<B> {
         let rows: usize = dims[..D - 1].iter().product();
         let w = self.weight.val();
         let d_out = w.dims()[1];
-        let mut y = x.reshape([rows, d_in]).matmul(w);
+        let x = x.reshape([rows, d_in]);
+        let mut y = x.clone().matmul(w);
+        if let Some(l) = &self.lora {
+            y = y + l.delta(x);
+        }
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze::<2>();
         }

@@ -180,6 +180,7 @@ impl<B: Backend> Qwen2<B> {
             Ok::<_, crate::ModelError>(Linear {
                 weight: Param::from_tensor(matrix(src, &format!("{name}.weight"), out, inp)?),
                 bias,
+                lora: None,
             })
         };
         let embed = Tensor::<B, 2>::from_data(

@@ -148,6 +148,49 @@ impl SafetensorsSource {
     }
 }
 
+/// A stored tensor's values as f32 (f32, bf16 and f16 are read).
+fn decode(view: &safetensors::tensor::TensorView, path: &Path, name: &str) -> Result<Vec<f32>> {
+    let raw = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(ModelError::Dtype {
+                path: path.to_path_buf(),
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    })
+}
+
+/// Every tensor of one safetensors file, as f32 data with its stored shape.
+pub fn read_safetensors(path: &Path) -> Result<std::collections::BTreeMap<String, TensorData>> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = decode(&view, path, &name)?;
+            let shape = view.shape().to_vec();
+            Ok((name, TensorData::new(values, shape)))
+        })
+        .collect()
+}
+
 impl TensorSource for SafetensorsSource {
     fn tensor(&mut self, name: &str, hf_shape: &[usize]) -> Result<TensorData> {
         let path = match self.location.get(name) {
@@ -181,28 +224,7 @@ impl TensorSource for SafetensorsSource {
                 got: view.shape().to_vec(),
             });
         }
-        let raw = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(ModelError::Dtype {
-                    path,
-                    name: name.into(),
-                    dtype: format!("{other:?}"),
-                })
-            }
-        };
+        let values = decode(&view, &path, name)?;
         self.used.insert(name.to_string());
         Ok(TensorData::new(values, hf_shape.to_vec()))
     }
