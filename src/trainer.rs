@@ -657,6 +657,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(())
     }
 
+    /// The frozen reference policy (with LoRA: the base model, adapters off).
+    pub fn reference(&self) -> &Qwen2<B::InnerBackend> {
+        &self.reference
+    }
+
     /// The loop counters (which, with the seed, determine every random draw).
     pub fn loop_state(&self) -> LoopState {
         LoopState {

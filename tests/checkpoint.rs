@@ -10,6 +10,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use med_rlvr::checkpoint;
 use med_rlvr::config::TrainConfig;
+use med_rlvr::experience::Batch;
 use med_rlvr::trainer::{self, StepMetrics, Trainer};
 
 type B = Autodiff<NdArray<f32>>;
@@ -113,7 +114,19 @@ fn lora_resume_is_bit_identical() {
     };
     let run = tempfile::tempdir().unwrap();
     let mut first = Trainer::<B>::new(c(), Default::default()).unwrap();
+    let base = weights(first.reference());
+    let rows: Vec<(&[u32], &[u32])> = vec![(&[5, 9, 17, 3], &[40, 41, 7]), (&[8, 2], &[11, 12])];
+    let ref_logp = |t: &Trainer<B>| {
+        let lp = Batch::new(&rows).logprobs(t.reference(), 64, &Default::default());
+        lp.into_data().to_vec::<f32>().unwrap()
+    };
+    let before = ref_logp(&first);
     let mut m = steps(&mut first, 2);
+    // The frozen base (inside the actor, and as the reference) is bit-identical after updates.
+    assert_eq!(weights(&first.actor.clone().without_lora()), base);
+    assert_eq!(weights(first.reference()), base);
+    assert_eq!(ref_logp(&first), before, "reference log-probs changed");
+    assert_ne!(weights(&first.actor), weights(&first.actor.clone().without_lora()));
     let ck = first.save_checkpoint(run.path()).unwrap();
     // Adapters only: the checkpoint does not copy the frozen base.
     assert!(ck.join("actor/adapter_model.safetensors").exists());
