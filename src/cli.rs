@@ -47,6 +47,30 @@ pub enum Command {
     Plot(PlotArgs),
     /// Write a checkpoint's (or run's) policy as a full Hugging Face folder that transformers loads.
     Export(ExportArgs),
+    /// The memory plan of a training config, computed without loading weights.
+    Plan(PlanArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// A TOML config (default: the embedded demo preset).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A model folder or a config.json (only the geometry is read).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `key=value` overrides, as for `train`.
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// Longest prompt in tokens (default: measured on data.train with the model's tokenizer,
+    /// else 512).
+    #[arg(long)]
+    pub prompt_len: Option<usize>,
+    /// Fail (exit 1) when the peak exceeds this many GiB (default: model.memory_limit_gb).
+    #[arg(long)]
+    pub limit_gb: Option<f64>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +127,12 @@ pub struct SftArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// LoRA rank on every projection (0 = full fine-tuning); adapters in OUT/final_adapter,
+    /// merged model in OUT/final.
+    #[arg(long, default_value_t = 0)]
+    pub lora_rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
     #[arg(long, default_value = "sft-out")]
     pub out: PathBuf,
 }
@@ -309,7 +339,7 @@ impl Cli {
     /// Whether the command computes with the model (and so needs the backend's device).
     pub fn needs_device(&self) -> bool {
         match &self.command {
-            Command::Score(_) | Command::Plot(_) => false,
+            Command::Score(_) | Command::Plot(_) | Command::Plan(_) => false,
             Command::Bench(b) => b.verifier.is_none(),
             _ => true,
         }
@@ -330,7 +360,70 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Sft(a) => sft::<B>(a, &device),
         Command::Plot(a) => plot(a),
         Command::Export(a) => export::<B::InnerBackend>(a, &device),
+        Command::Plan(a) => plan(a),
     }
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    use crate::memory::{MemoryPlan, PlanInputs};
+    let mut cfg = crate::config::TrainConfig::load(a.config.as_deref(), &a.set)?;
+    if let Some(m) = &a.model {
+        cfg.model.path = m.clone();
+    }
+    let m = &cfg.model.path;
+    let (geometry, dir) = if m.is_file() {
+        (
+            Qwen2Config::from_file(m)?,
+            m.parent().map(Path::to_path_buf),
+        )
+    } else {
+        (Qwen2Config::from_dir(m)?, Some(m.clone()))
+    };
+    let prompt_len = match a.prompt_len {
+        Some(p) => p,
+        None => {
+            let measured = dir
+                .filter(|d| d.join("tokenizer.json").is_file() && cfg.data.train.is_file())
+                .map(|d| -> Result<usize> {
+                    let tok = Tokenizer::from_dir(&d)?;
+                    let opts = crate::task::LoadOptions {
+                        category: cfg.data.category.clone(),
+                        none_of_the_above: cfg.data.none_of_the_above,
+                        skip_invalid: cfg.data.skip_invalid,
+                    };
+                    let ds = crate::task::load(&cfg.data.train, cfg.data.format, &opts)?;
+                    let mut longest = 0;
+                    for it in &ds.items {
+                        let p = crate::prompt::render(it, cfg.data.prompt);
+                        longest = longest.max(tok.encode(&p)?.len());
+                    }
+                    Ok(longest)
+                })
+                .transpose()?;
+            match measured {
+                Some(p) => {
+                    eprintln!("longest prompt in {}: {p} tokens", cfg.data.train.display());
+                    p
+                }
+                None => {
+                    eprintln!("no tokenizer or data.train to measure prompts: assuming 512 tokens");
+                    512
+                }
+            }
+        }
+    };
+    let plan = MemoryPlan::new(&PlanInputs::from_config(&cfg, &geometry, prompt_len));
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", plan.render());
+    }
+    if let Some(gb) = a.limit_gb.or(cfg.model.memory_limit_gb) {
+        plan.check((gb * (1u64 << 30) as f64) as u64)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!("fits in {gb} GiB");
+    }
+    Ok(())
 }
 
 /// The base model folder recorded in an adapter's `adapter_config.json`.
@@ -934,6 +1027,15 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
     let steps_per_epoch = pairs.len().div_ceil(a.batch.max(1));
     for &lr in &a.lr {
         let (config, model) = load_qwen2::<B>(&a.model, device)?;
+        let lora = (a.lora_rank > 0).then(|| qwen2_burn::LoraSpec {
+            rank: a.lora_rank,
+            alpha: a.lora_alpha,
+            targets: qwen2_burn::lora::ALL_TARGETS.map(String::from).to_vec(),
+        });
+        let model = match &lora {
+            Some(spec) => model.with_lora(spec, a.seed, device),
+            None => model,
+        };
         let out = if a.lr.len() > 1 {
             a.out.join(format!("lr-{lr:e}"))
         } else {
@@ -965,8 +1067,11 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
         }
         metrics.flush()?;
         let dir = out.join("final");
+        if let Some(spec) = &lora {
+            qwen2_burn::save_lora(&trained, spec, Some(&a.model), &out.join("final_adapter"))?;
+        }
         qwen2_burn::save_qwen2(
-            &trained.valid(),
+            &trained.valid().merge_lora(),
             &config,
             &dir,
             qwen2_burn::SaveDtype::F32,

@@ -68,6 +68,8 @@ pub struct ModelConfig {
     pub path: PathBuf,
     /// Compute per-token log-probs this many positions at a time (bounds the logits' memory).
     pub logprob_chunk: usize,
+    /// Refuse to start when the memory plan's peak exceeds this many GiB (unset: no check).
+    pub memory_limit_gb: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +100,9 @@ pub struct RolloutConfig {
     pub top_k: usize,
     /// Stop strings (kept in the reply); `<|endoftext|>` always stops.
     pub stop: Vec<String>,
+    /// Prompts per sampler call (bounds the rollout's KV cache); 0 = all of a step's prompts.
+    /// Samples do not depend on it.
+    pub generate_batch: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +172,7 @@ impl Default for ModelConfig {
         Self {
             path: PathBuf::new(),
             logprob_chunk: 64,
+            memory_limit_gb: None,
         }
     }
 }
@@ -196,6 +202,7 @@ impl Default for RolloutConfig {
             top_p: 1.0,
             top_k: 0,
             stop: vec!["</answer>".into()],
+            generate_batch: 0,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod eval;
 pub mod experience;
 pub mod loss;
+pub mod memory;
 pub mod optimizer;
 pub mod parquet_rows;
 pub mod plot;

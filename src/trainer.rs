@@ -27,6 +27,7 @@ use crate::critic::Critic;
 use crate::eval;
 use crate::experience::{grid_tensor, pad_rows, ragged, Batch, Experience};
 use crate::loss;
+use crate::memory::{MemoryPlan, PlanInputs};
 use crate::optimizer::{adamw, clip_global_norm, cosine_lr};
 use crate::prompt;
 use crate::sampler::{self, SamplingParams};
@@ -75,6 +76,8 @@ type CriticRecord<B> = <CriticOptim<B> as Optimizer<Critic<B>, B>>::Record;
 pub struct Trainer<B: AutodiffBackend> {
     pub cfg: TrainConfig,
     pub model_config: Qwen2Config,
+    /// The memory plan computed before loading (see `memory.rs`).
+    pub plan: MemoryPlan,
     pub tok: Tokenizer,
     pub actor: Qwen2<B>,
     pub critic: Option<Critic<B>>,
@@ -124,18 +127,6 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(cfg: TrainConfig, device: B::Device) -> Result<Self> {
         let dir = &cfg.model.path;
         let tok = Tokenizer::from_dir(dir)?;
-        let (model_config, base) = load_qwen2::<B>(dir, &device)?;
-        // With LoRA the base weights are frozen and shared (tensor clones share storage): the
-        // reference is the base itself, actor and critic each add their own adapters.
-        let lora = cfg.lora.spec();
-        let reference = base.valid();
-        let backbone = |salt: u64| match &lora {
-            Some(spec) => base.clone().with_lora(spec, cfg.seed ^ salt, &device),
-            None => base.clone(),
-        };
-        let actor = backbone(0);
-        let critic = (cfg.ppo.estimator == Estimator::Gae)
-            .then(|| Critic::new(backbone(0xC817), cfg.seed, &device));
         let train_items = load_items(&cfg.data.train, &cfg)?;
         let mut eval_items = match &cfg.data.eval {
             Some(p) => load_items(p, &cfg)?,
@@ -148,6 +139,26 @@ impl<B: AutodiffBackend> Trainer<B> {
             .iter()
             .map(|it| tok.encode(&prompt::render(it, cfg.data.prompt)))
             .collect::<Result<Vec<_>>>()?;
+        // The memory plan, before any weight is allocated.
+        let model_config = Qwen2Config::from_dir(dir)?;
+        let prompt_len = train_prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let plan = MemoryPlan::new(&PlanInputs::from_config(&cfg, &model_config, prompt_len));
+        if let Some(gb) = cfg.model.memory_limit_gb {
+            plan.check((gb * (1u64 << 30) as f64) as u64)
+                .map_err(|e| anyhow::anyhow!("{e} (model.memory_limit_gb = {gb})"))?;
+        }
+        let (_, base) = load_qwen2::<B>(dir, &device)?;
+        // With LoRA the base weights are frozen and shared (tensor clones share storage): the
+        // reference is the base itself, actor and critic each add their own adapters.
+        let lora = cfg.lora.spec();
+        let reference = base.valid();
+        let backbone = |salt: u64| match &lora {
+            Some(spec) => base.clone().with_lora(spec, cfg.seed ^ salt, &device),
+            None => base.clone(),
+        };
+        let actor = backbone(0);
+        let critic = (cfg.ppo.estimator == Estimator::Gae)
+            .then(|| Critic::new(backbone(0xC817), cfg.seed, &device));
         let per_step = cfg.rollout.prompts_per_step;
         let total_steps = if cfg.train.steps > 0 {
             cfg.train.steps
@@ -166,6 +177,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             inject_nan_steps: vec![],
             cfg,
             model_config,
+            plan,
             tok,
             actor,
             critic,
@@ -264,14 +276,33 @@ impl<B: AutodiffBackend> Trainer<B> {
         let idx = self.next_batch(cfg.rollout.prompts_per_step);
         let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_prompts[i].clone()).collect();
         let inner_actor = self.actor.valid();
-        let samples = sampler::generate(
-            &inner_actor,
-            &self.model_config,
-            &prompts,
-            &self.sampling(),
-            &self.tok,
-            &self.device,
-        );
+        // Generation in slices of `rollout.generate_batch` prompts (bounds the KV cache); each
+        // prompt's RNG is keyed by its index in the step, so slicing does not change the samples.
+        let params = self.sampling();
+        let per_call = match cfg.rollout.generate_batch {
+            0 => prompts.len().max(1),
+            g => g,
+        };
+        let mut samples = Vec::with_capacity(prompts.len() * cfg.rollout.n);
+        for (k, slice) in prompts.chunks(per_call).enumerate() {
+            let first = k * per_call;
+            samples.extend(
+                sampler::generate_from(
+                    &inner_actor,
+                    &self.model_config,
+                    slice,
+                    first,
+                    &params,
+                    &self.tok,
+                    &self.device,
+                )
+                .into_iter()
+                .map(|mut s| {
+                    s.prompt_index += first;
+                    s
+                }),
+            );
+        }
         let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
 
         // Rewards.
@@ -861,6 +892,9 @@ pub fn run<B: AutodiffBackend>(
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let mut trainer = Trainer::<B>::new(cfg, device)?;
+    if !opts.quiet {
+        eprint!("{}", trainer.plan.render());
+    }
     trainer.inject_nan_steps = opts.inject_nan_steps.clone();
     let (metrics_path, samples_path) = (out.join("metrics.jsonl"), out.join("samples.jsonl"));
     if let Some(dir) = &opts.resume {

@@ -126,7 +126,10 @@ fn lora_resume_is_bit_identical() {
     assert_eq!(weights(&first.actor.clone().without_lora()), base);
     assert_eq!(weights(first.reference()), base);
     assert_eq!(ref_logp(&first), before, "reference log-probs changed");
-    assert_ne!(weights(&first.actor), weights(&first.actor.clone().without_lora()));
+    assert_ne!(
+        weights(&first.actor),
+        weights(&first.actor.clone().without_lora())
+    );
     let ck = first.save_checkpoint(run.path()).unwrap();
     // Adapters only: the checkpoint does not copy the frozen base.
     assert!(ck.join("actor/adapter_model.safetensors").exists());

@@ -141,3 +141,61 @@ fn sft_lowers_the_answer_loss_and_raises_direct_accuracy() {
     assert!(loss1 < 0.5 * loss0, "answer loss {loss0} -> {loss1}");
     assert!(acc1 >= acc0 + 0.15, "direct accuracy {acc0} -> {acc1}");
 }
+
+#[test]
+fn sft_command_with_lora_writes_adapter_and_merged_model() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(root.join("train.jsonl"))
+        .unwrap()
+        .lines()
+        .take(64)
+        .map(String::from)
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("sft");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_med-rlvr"))
+        .args(["sft", "--model"])
+        .arg(root.join("model"))
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--epochs",
+            "3",
+            "--lr",
+            "5e-3",
+            "--batch",
+            "16",
+            "--lora-rank",
+            "4",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "final_adapter/adapter_model.safetensors",
+        "final_adapter/adapter_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let losses: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 12);
+    let (first, last) = (
+        losses[..2].iter().sum::<f64>(),
+        losses[10..].iter().sum::<f64>(),
+    );
+    assert!(last < 0.7 * first, "LoRA SFT loss {first} -> {last}");
+}

@@ -45,6 +45,15 @@ impl<B: Backend> KvCache<B> {
         self.capacity
     }
 
+    /// Elements allocated for keys and values (all layers).
+    pub fn num_elements(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.shape().num_elements())
+            .sum()
+    }
+
     /// Rows in the cache.
     pub fn batch(&self) -> usize {
         self.valid.dims()[0]

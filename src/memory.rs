@@ -1,0 +1,298 @@
+//! The memory plan: what a training run will hold, estimated from the model geometry and the
+//! config before anything is allocated, so a run that cannot fit is refused with the setting to
+//! change instead of dying in the middle of step 1.
+//!
+//! Everything is f32 (4 bytes), as the trainer stores it today. Persistent: the frozen base
+//! (reference; with LoRA also the actor's and critic's base), the trainable copies (full
+//! fine-tuning: actor and critic backbones), adapters, value head, gradients (one per trainable
+//! float) and AdamW's two moments. Transient, whichever phase is larger: the rollout (KV cache
+//! `2·L·rows·(P+N)·kv_heads·head_dim`, one layer's prefill attention `rows·heads·P²·2`, logits
+//! and sampling buffers `rows·V·3`) or the update of one micro-batch (saved activations, about
+//! `T·(10·H + 4·I)` floats per layer for `T` tokens plus `mb·heads·S²·3` for attention, and the
+//! log-prob chunk's logits `mb·chunk·V·3`; an estimate, not a measurement).
+
+use qwen2_burn::{LoraSpec, Qwen2Config};
+use serde::Serialize;
+
+use crate::advantages::Estimator;
+use crate::config::TrainConfig;
+
+const F32: u64 = 4;
+
+/// Parameters of the Qwen2 model (embedding, blocks, final norm, untied head).
+pub fn base_params(c: &Qwen2Config) -> u64 {
+    let (h, i, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
+    let q = (c.num_attention_heads * c.head_dim) as u64;
+    let kv = (c.num_key_value_heads * c.head_dim) as u64;
+    let layer = h * q + q // q_proj + bias
+        + 2 * (h * kv + kv) // k_proj, v_proj + biases
+        + q * h // o_proj
+        + 3 * h * i // gate, up, down
+        + 2 * h; // two RMSNorms
+    v * h + c.num_hidden_layers as u64 * layer + h + if c.tie_word_embeddings { 0 } else { v * h }
+}
+
+/// Parameters of one set of LoRA adapters: `r·(in + out)` per target layer.
+pub fn lora_params(c: &Qwen2Config, spec: &LoraSpec) -> u64 {
+    let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+    let q = (c.num_attention_heads * c.head_dim) as u64;
+    let kv = (c.num_key_value_heads * c.head_dim) as u64;
+    let per_layer: u64 = spec
+        .targets
+        .iter()
+        .map(|t| match t.as_str() {
+            "q_proj" => h + q,
+            "k_proj" | "v_proj" => h + kv,
+            "o_proj" => q + h,
+            "gate_proj" | "up_proj" => h + i,
+            "down_proj" => i + h,
+            _ => 0,
+        })
+        .sum();
+    c.num_hidden_layers as u64 * spec.rank as u64 * per_layer
+}
+
+/// Elements of the rollout's KV cache: keys and values of every layer.
+pub fn kv_cache_elements(c: &Qwen2Config, rows: usize, capacity: usize) -> u64 {
+    2 * (c.num_hidden_layers * rows * capacity * c.num_key_value_heads * c.head_dim) as u64
+}
+
+/// What the plan is computed from.
+#[derive(Debug, Clone)]
+pub struct PlanInputs {
+    pub model: Qwen2Config,
+    pub lora: Option<LoraSpec>,
+    pub critic: bool,
+    /// Sequences generated per sampler call (prompts per call × n).
+    pub rollout_rows: usize,
+    /// Longest prompt in tokens.
+    pub prompt_len: usize,
+    pub max_new_tokens: usize,
+    pub micro_batch: usize,
+    pub logprob_chunk: usize,
+}
+
+impl PlanInputs {
+    /// The inputs of a training config for a model geometry and the longest prompt.
+    pub fn from_config(cfg: &TrainConfig, model: &Qwen2Config, prompt_len: usize) -> Self {
+        Self {
+            model: model.clone(),
+            lora: cfg.lora.spec(),
+            critic: cfg.ppo.estimator == Estimator::Gae,
+            rollout_rows: match cfg.rollout.generate_batch {
+                0 => cfg.rollout.prompts_per_step,
+                g => g.min(cfg.rollout.prompts_per_step),
+            } * cfg.rollout.n,
+            prompt_len,
+            max_new_tokens: cfg.rollout.max_new_tokens,
+            micro_batch: cfg.ppo.micro_batch,
+            logprob_chunk: cfg.model.logprob_chunk,
+        }
+    }
+}
+
+/// One line of the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanItem {
+    pub what: String,
+    pub bytes: u64,
+    /// `persistent`, `rollout` or `update`.
+    pub phase: &'static str,
+    /// The setting that shrinks it.
+    pub knob: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPlan {
+    pub items: Vec<PlanItem>,
+    pub persistent: u64,
+    pub rollout: u64,
+    pub update: u64,
+    /// `persistent + max(rollout, update)`.
+    pub peak: u64,
+    /// Trainable floats (what gradients and optimizer state scale with).
+    pub trainable: u64,
+}
+
+impl MemoryPlan {
+    pub fn new(p: &PlanInputs) -> Self {
+        let c = &p.model;
+        let base = base_params(c);
+        let h = c.hidden_size as u64;
+        let head = h; // value head [hidden, 1]
+        let mut items = Vec::new();
+        let mut add = |what: String, elems: u64, phase, knob| {
+            items.push(PlanItem {
+                what,
+                bytes: elems * F32,
+                phase,
+                knob,
+            })
+        };
+        let trainable = match &p.lora {
+            Some(spec) => {
+                let a = lora_params(c, spec);
+                let sets = if p.critic { 2 } else { 1 };
+                add(
+                    "base weights (frozen; shared by actor, critic, reference)".into(),
+                    base,
+                    "persistent",
+                    "a smaller model",
+                );
+                add(
+                    format!("LoRA adapters (rank {}, {sets} set(s))", spec.rank),
+                    a * sets,
+                    "persistent",
+                    "lora.rank, lora.targets",
+                );
+                a * sets + if p.critic { head } else { 0 }
+            }
+            None => {
+                add(
+                    "reference weights (frozen)".into(),
+                    base,
+                    "persistent",
+                    "lora.rank > 0 (shares one base)",
+                );
+                add(
+                    "actor weights (trainable)".into(),
+                    base,
+                    "persistent",
+                    "lora.rank > 0",
+                );
+                if p.critic {
+                    add(
+                        "critic backbone (trainable)".into(),
+                        base,
+                        "persistent",
+                        "lora.rank > 0, or a critic-free ppo.estimator",
+                    );
+                }
+                base * if p.critic { 2 } else { 1 } + if p.critic { head } else { 0 }
+            }
+        };
+        if p.critic {
+            add("value head".into(), head, "persistent", "-");
+        }
+        let knob = if p.lora.is_some() {
+            "lora.rank, lora.targets"
+        } else {
+            "lora.rank > 0"
+        };
+        add("gradients".into(), trainable, "persistent", knob);
+        add(
+            "AdamW moments (2 per trainable float)".into(),
+            2 * trainable,
+            "persistent",
+            knob,
+        );
+        let (rows, pl, n) = (
+            p.rollout_rows as u64,
+            p.prompt_len as u64,
+            p.max_new_tokens as u64,
+        );
+        let (heads, v) = (c.num_attention_heads as u64, c.vocab_size as u64);
+        add(
+            format!("rollout KV cache ({rows} rows × {} tokens)", pl + n),
+            kv_cache_elements(c, p.rollout_rows, p.prompt_len + p.max_new_tokens),
+            "rollout",
+            "rollout.generate_batch, rollout.max_new_tokens",
+        );
+        add(
+            "rollout prefill attention (one layer)".into(),
+            rows * heads * pl * pl * 2,
+            "rollout",
+            "rollout.generate_batch",
+        );
+        add(
+            "rollout logits and sampling buffers".into(),
+            rows * v * 3,
+            "rollout",
+            "rollout.generate_batch",
+        );
+        let (mb, s) = (p.micro_batch as u64, pl + n);
+        let t = mb * s;
+        let models = if p.critic { 2 } else { 1 };
+        add(
+            format!("update activations (micro-batch {mb} × {s} tokens, ≈)"),
+            models
+                * c.num_hidden_layers as u64
+                * (t * (10 * h + 4 * c.intermediate_size as u64) + mb * heads * s * s * 3),
+            "update",
+            "ppo.micro_batch",
+        );
+        add(
+            format!("update log-prob logits (chunk {})", p.logprob_chunk),
+            mb * (p.logprob_chunk as u64).min(n.max(1)) * v * 3,
+            "update",
+            "model.logprob_chunk",
+        );
+        let sum = |ph: &str| {
+            items
+                .iter()
+                .filter(|i| i.phase == ph)
+                .map(|i| i.bytes)
+                .sum::<u64>()
+        };
+        let (persistent, rollout, update) = (sum("persistent"), sum("rollout"), sum("update"));
+        Self {
+            persistent,
+            rollout,
+            update,
+            peak: persistent + rollout.max(update),
+            trainable,
+            items,
+        }
+    }
+
+    /// The plan as a table.
+    pub fn render(&self) -> String {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let mut s = format!(
+            "{:<62} {:>10}  {:<10} {}\n",
+            "memory plan (f32)", "GiB", "phase", "to shrink"
+        );
+        for i in &self.items {
+            s.push_str(&format!(
+                "{:<62} {:>10.3}  {:<10} {}\n",
+                i.what,
+                gib(i.bytes),
+                i.phase,
+                i.knob
+            ));
+        }
+        s.push_str(&format!(
+            "{:<62} {:>10.3}  (persistent {:.3} + max(rollout {:.3}, update {:.3}))\n",
+            "peak",
+            gib(self.peak),
+            gib(self.persistent),
+            gib(self.rollout),
+            gib(self.update)
+        ));
+        s
+    }
+
+    /// An error naming the largest items and their settings when the peak exceeds `limit` bytes.
+    pub fn check(&self, limit: u64) -> Result<(), String> {
+        if self.peak <= limit {
+            return Ok(());
+        }
+        let mut big: Vec<&PlanItem> = self.items.iter().collect();
+        big.sort_by_key(|i| std::cmp::Reverse(i.bytes));
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        Err(format!(
+            "the plan needs {:.2} GiB but the limit is {:.2} GiB; largest: {}",
+            gib(self.peak),
+            gib(limit),
+            big.iter()
+                .take(3)
+                .map(|i| format!("{} {:.2} GiB (change {})", i.what, gib(i.bytes), i.knob))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    }
+}

@@ -1,0 +1,146 @@
+//! The memory plan against measured tensor sizes, its refusal, and `rollout.generate_batch`.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use med_rlvr::config::TrainConfig;
+use med_rlvr::memory::{self, MemoryPlan, PlanInputs};
+use med_rlvr::trainer::Trainer;
+use qwen2_burn::{load_qwen2, KvCache, LoraSpec};
+
+type I = NdArray<f32>;
+type B = Autodiff<I>;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen2")
+        .join(name)
+}
+
+/// Trainable (requires-grad) and total float elements of a module.
+fn counts<Bk: Backend, M: Module<Bk>>(m: &M) -> (u64, u64) {
+    struct C(u64, u64);
+    impl<Bk: Backend> ModuleVisitor<Bk> for C {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            let n = p.val().shape().num_elements() as u64;
+            self.1 += n;
+            if p.val().is_require_grad() {
+                self.0 += n;
+            }
+        }
+    }
+    let mut c = C(0, 0);
+    m.visit(&mut c);
+    (c.0, c.1)
+}
+
+#[test]
+fn weights_adapters_and_kv_cache_match_allocated_sizes() {
+    let dev = Default::default();
+    for name in ["tied-bf16-sharded", "untied-f32-mha", "tied-f16-gqa"] {
+        let (cfg, model) = load_qwen2::<B>(&fixture(name), &dev).unwrap();
+        assert_eq!(
+            memory::base_params(&cfg),
+            model.num_params() as u64,
+            "{name}"
+        );
+        let spec = LoraSpec {
+            rank: 3,
+            alpha: 6.0,
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        };
+        let adapted = model.with_lora(&spec, 0, &dev);
+        let (trainable, total) = counts(&adapted);
+        assert_eq!(trainable, memory::lora_params(&cfg, &spec), "{name}");
+        assert_eq!(total, memory::base_params(&cfg) + trainable, "{name}");
+        let cache = KvCache::<I>::new(&cfg, 5, 37, &dev);
+        assert_eq!(
+            cache.num_elements() as u64,
+            memory::kv_cache_elements(&cfg, 5, 37),
+            "{name}"
+        );
+    }
+}
+
+fn demo(extra: &[&str]) -> TrainConfig {
+    let mut set: Vec<String> = [
+        "train.steps=2",
+        "train.eval_every=0",
+        "rollout.prompts_per_step=7",
+        "rollout.max_new_tokens=16",
+        "ppo.train_batch=7",
+        "ppo.micro_batch=7",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    set.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::load(None, &set).unwrap()
+}
+
+#[test]
+fn the_plan_counts_what_the_trainer_trains() {
+    for (extra, lora) in [
+        (vec![], false),
+        (vec!["lora.rank=4"], true),
+        (
+            vec!["lora.rank=4", "ppo.estimator=\"grpo\"", "rollout.n=2"],
+            true,
+        ),
+    ] {
+        let t = Trainer::<B>::new(demo(&extra), Default::default()).unwrap();
+        let mut trainable = counts(&t.actor).0;
+        if let Some(c) = &t.critic {
+            trainable += counts(c).0;
+        }
+        assert_eq!(t.plan.trainable, trainable, "{extra:?}");
+        let names: Vec<&str> = t.plan.items.iter().map(|i| i.what.as_str()).collect();
+        assert_eq!(names.iter().any(|n| n.starts_with("LoRA")), lora);
+        // Gradients and AdamW moments scale with the trainable count.
+        let bytes = |prefix: &str| {
+            t.plan
+                .items
+                .iter()
+                .find(|i| i.what.starts_with(prefix))
+                .unwrap()
+                .bytes
+        };
+        assert_eq!(bytes("gradients"), 4 * trainable);
+        assert_eq!(bytes("AdamW"), 8 * trainable);
+    }
+}
+
+#[test]
+fn over_the_limit_is_refused_naming_the_setting() {
+    let err = Trainer::<B>::new(demo(&["model.memory_limit_gb=0.01"]), Default::default())
+        .err()
+        .expect("refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("memory_limit_gb") && msg.contains("ppo.micro_batch"),
+        "{msg}"
+    );
+    // The plan's rollout term follows rollout.generate_batch.
+    let cfg = demo(&["rollout.generate_batch=2"]);
+    let geometry = qwen2_burn::Qwen2Config::from_dir(&cfg.model.path).unwrap();
+    let small = MemoryPlan::new(&PlanInputs::from_config(&cfg, &geometry, 150));
+    let big = MemoryPlan::new(&PlanInputs::from_config(&demo(&[]), &geometry, 150));
+    assert!(small.rollout * 3 < big.rollout);
+}
+
+#[test]
+fn generate_batch_does_not_change_the_samples() {
+    let run = |extra: &[&str]| {
+        let mut t = Trainer::<B>::new(demo(extra), Default::default()).unwrap();
+        let (m, shown) = t.step().unwrap();
+        let texts: Vec<String> = shown.iter().map(|v| v["response"].to_string()).collect();
+        (m.reward_mean, m.response_len_mean, texts, m.kl)
+    };
+    let (a, b) = (run(&[]), run(&["rollout.generate_batch=3"]));
+    assert_eq!((a.0, a.1, &a.2), (b.0, b.1, &b.2), "samples differ");
+    // Log-probs (hence KL) differ only by float rounding of the different batch shapes.
+    assert!((a.3 - b.3).abs() < 1e-5, "kl {} vs {}", a.3, b.3);
+}
