@@ -28,6 +28,8 @@ pub struct RolloutBench {
     pub n: usize,
     pub prompt_len: usize,
     pub new_tokens: usize,
+    pub stop_every: usize,
+    pub finished_rows: &'static str,
     pub generated_tokens: usize,
     pub seconds: f64,
     pub generated_tok_s: f64,
@@ -121,8 +123,19 @@ pub fn kernels<B: Backend>(
     }
 }
 
-/// `prompts × n` samples of exactly `new_tokens` tokens each (no stop tokens, temperature 1)
-/// through the sampler.
+/// How a rollout bench ends rows and treats finished ones.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RolloutShape {
+    /// 0: every row generates exactly `new_tokens`. k > 0: every k-th token id is a stop id, so
+    /// (random weights sample near-uniformly) lengths are roughly geometric with mean k, capped.
+    pub stop_every: usize,
+    /// Keep finished rows in the batch, masked, instead of compacting them out.
+    pub mask: bool,
+}
+
+/// `prompts × n` samples (temperature 1) through the sampler: exactly `new_tokens` each, or of
+/// varied lengths with `shape.stop_every`.
+#[allow(clippy::too_many_arguments)]
 pub fn rollout<B: Backend>(
     config: &Qwen2Config,
     model: &Qwen2<B>,
@@ -130,14 +143,21 @@ pub fn rollout<B: Backend>(
     n: usize,
     prompt_len: usize,
     new_tokens: usize,
+    shape: RolloutShape,
     device: &B::Device,
 ) -> RolloutBench {
     let ps = random_prompts(prompts, prompt_len, config.vocab_size, 11);
+    let stop_token_ids = match shape.stop_every {
+        0 => vec![],
+        k => (0..config.vocab_size as u32).step_by(k).collect(),
+    };
     let params = SamplingParams {
         temperature: 1.0,
         max_new_tokens: new_tokens,
         n,
         seed: 1,
+        stop_token_ids,
+        compact: !shape.mask,
         ..Default::default()
     };
     let _ = sampler::generate(
@@ -161,6 +181,8 @@ pub fn rollout<B: Backend>(
         n,
         prompt_len,
         new_tokens,
+        stop_every: shape.stop_every,
+        finished_rows: if shape.mask { "masked" } else { "compacted" },
         generated_tokens: generated,
         seconds,
         generated_tok_s: generated as f64 / seconds,

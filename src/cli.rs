@@ -331,6 +331,12 @@ pub struct BenchArgs {
     pub rollout: bool,
     #[arg(long, default_value_t = 1)]
     pub n: usize,
+    /// Rollout: make every k-th token id a stop id, so rows end at varied lengths (mean ≈ k).
+    #[arg(long, default_value_t = 0)]
+    pub stop_every: usize,
+    /// Rollout: keep finished rows in the batch, masked, instead of compacting them out.
+    #[arg(long)]
+    pub mask: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -629,6 +635,7 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
         stop_strings: a.stop.clone(),
         n: a.n,
         seed: a.seed,
+        compact: true,
     };
     let encoded = texts
         .iter()
@@ -688,6 +695,10 @@ fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
             a.n,
             a.prompt_len,
             a.new_tokens,
+            crate::bench::RolloutShape {
+                stop_every: a.stop_every,
+                mask: a.mask,
+            },
             device,
         ))?
     } else {

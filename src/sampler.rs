@@ -30,6 +30,10 @@ pub struct SamplingParams {
     /// Samples per prompt.
     pub n: usize,
     pub seed: u64,
+    /// What finished rows cost: `true` (default) drops them from the batch and the KV cache;
+    /// `false` keeps them in the batch, masked (fed a padding token marked invalid, no host work).
+    /// Samples are the same either way; `bench --rollout --mask` compares the speed.
+    pub compact: bool,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +47,7 @@ impl Default for SamplingParams {
             stop_strings: vec![],
             n: 1,
             seed: 0,
+            compact: true,
         }
     }
 }
@@ -263,6 +268,8 @@ pub fn generate_from<B: Backend>(
     let mut last = hidden.slice([0..b, width - 1..width, 0..h]);
     let mut active: Vec<Row> = rows;
     let mut done: Vec<Sample> = Vec::new();
+    // Mask mode: finished rows stay in the batch; `finished[i]` marks them.
+    let mut finished = vec![false; active.len()];
     let max_stop = params
         .stop_strings
         .iter()
@@ -276,6 +283,9 @@ pub fn generate_from<B: Backend>(
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (i, row) in active.iter_mut().enumerate() {
+            if finished[i] {
+                continue;
+            }
             let z = &logits[i * vocab..(i + 1) * vocab];
             let lsm = log_softmax(z);
             // One pass of exp serves the entropy and, for plain temperature-1 sampling, the draw.
@@ -319,12 +329,37 @@ pub fn generate_from<B: Backend>(
                 None
             };
             match finish {
-                Some(reason) => row.out.finish_reason = reason,
+                Some(reason) => {
+                    row.out.finish_reason = reason;
+                    finished[i] = true;
+                }
                 None => {
                     keep.push(i);
                     next.push(tok as i64);
                 }
             }
+        }
+        if !params.compact {
+            if keep.is_empty() {
+                done.extend(active.into_iter().map(|r| r.out));
+                break;
+            }
+            // Every row takes a decode step; finished ones get a padding token marked invalid.
+            let b = active.len();
+            let mut toks = vec![0i64; b];
+            for (k, &i) in keep.iter().enumerate() {
+                toks[i] = next[k];
+            }
+            let valid: Vec<bool> = finished.iter().map(|f| !f).collect();
+            let pos: Vec<i64> = active.iter().map(|r| r.next_position).collect();
+            active.iter_mut().for_each(|r| r.next_position += 1);
+            last = model.hidden(
+                Tensor::<B, 2, Int>::from_data(TensorData::new(toks, [b, 1]), device),
+                Tensor::<B, 2, Int>::from_data(TensorData::new(pos, [b, 1]), device),
+                Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [b, 1]), device),
+                Some(&mut cache),
+            );
+            continue;
         }
         if keep.len() < active.len() {
             if !keep.is_empty() && keep.len() < active.len() {
@@ -339,6 +374,7 @@ pub fn generate_from<B: Backend>(
                 }
             }
             active = kept;
+            finished = vec![false; active.len()];
         }
         if active.is_empty() {
             break;

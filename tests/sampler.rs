@@ -268,3 +268,48 @@ fn same_seed_same_samples_and_n_per_prompt() {
         .zip(&other_seed)
         .any(|(x, y)| x.output_ids != y.output_ids));
 }
+
+#[test]
+fn masking_finished_rows_gives_the_same_samples_as_compacting_them() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen2/tied-bf16-sharded");
+    let dev = Default::default();
+    let (c, m) = qwen2_burn::load_qwen2::<burn::backend::NdArray<f32>>(&dir, &dev).unwrap();
+    let prompts = vec![
+        vec![5u32, 17, 33, 2, 90, 41, 7, 8, 200],
+        vec![11, 12],
+        vec![250, 3, 3, 3, 61],
+    ];
+    let params = med_rlvr::sampler::SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 12,
+        n: 3,
+        seed: 9,
+        stop_token_ids: (0..60).collect(),
+        ..Default::default()
+    };
+    let det = &med_rlvr::sampler::NoDetokenizer;
+    let compacted = med_rlvr::sampler::generate(&m, &c, &prompts, &params, det, &dev);
+    let masked = med_rlvr::sampler::generate(
+        &m,
+        &c,
+        &prompts,
+        &med_rlvr::sampler::SamplingParams {
+            compact: false,
+            ..params.clone()
+        },
+        det,
+        &dev,
+    );
+    let lens: std::collections::HashSet<usize> =
+        compacted.iter().map(|s| s.output_ids.len()).collect();
+    assert!(lens.len() > 2, "want ragged lengths, got {lens:?}");
+    assert_eq!(compacted.len(), masked.len());
+    for (a, b) in compacted.iter().zip(&masked) {
+        assert_eq!(a.output_ids, b.output_ids);
+        assert_eq!(a.finish_reason, b.finish_reason);
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
+}
