@@ -25,6 +25,12 @@ impl<B: Backend> Critic<B> {
         let normal = Normal::new(0.0f32, 1.0 / (hidden as f32 + 1.0)).expect("valid std");
         let mut rng = StdRng::seed_from_u64(seed ^ 0xC0FFEE);
         let w: Vec<f32> = (0..hidden).map(|_| normal.sample(&mut rng)).collect();
+        Self::with_head(backbone, w, device)
+    }
+
+    /// A critic on `backbone` with head weights `w` (`hidden` values).
+    fn with_head(backbone: Qwen2<B>, w: Vec<f32>, device: &B::Device) -> Self {
+        let hidden = w.len();
         Self {
             backbone,
             value_head: Linear {
@@ -77,17 +83,7 @@ impl<B: Backend> Critic<B> {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        Ok(Self {
-            backbone,
-            value_head: Linear {
-                weight: Param::from_tensor(Tensor::from_data(
-                    TensorData::new(w, [hidden, 1]),
-                    device,
-                )),
-                bias: None,
-                lora: None,
-            },
-        })
+        Ok(Self::with_head(backbone, w, device))
     }
 
     /// `V` at every position `[b, t]`.

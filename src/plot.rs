@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::Value;
@@ -118,6 +119,33 @@ fn auto_range<'a>(series: impl IntoIterator<Item = &'a [(f64, f64)]>) -> std::op
     lo - pad..hi + pad
 }
 
+type StepChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A titled panel with `step` on the x axis and its mesh drawn.
+fn step_chart<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<StepChart<'a, DB>> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 18))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(52)
+        .build_cartesian_2d(x, y)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style((FONT, 12))
+        .draw()
+        .map_err(draw_err)?;
+    Ok(chart)
+}
+
 /// One panel: named series as lines (a series with few points gets markers too).
 struct Panel<'a> {
     title: &'a str,
@@ -133,21 +161,7 @@ fn draw_panel<DB: DrawingBackend>(
     let y =
         p.y.clone()
             .unwrap_or_else(|| auto_range(p.lines.iter().map(|l| l.1)));
-    let mut chart = ChartBuilder::on(area)
-        .caption(p.title, (FONT, 18))
-        .margin(8)
-        .x_label_area_size(30)
-        .y_label_area_size(52)
-        .build_cartesian_2d(x, y)
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .light_line_style(WHITE)
-        .x_desc("step")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .label_style((FONT, 12))
-        .draw()
-        .map_err(draw_err)?;
+    let mut chart = step_chart(area, p.title, x, y)?;
     let mut named = false;
     for (i, (name, pts)) in p.lines.iter().enumerate() {
         if pts.is_empty() {
@@ -187,21 +201,7 @@ fn draw_stages<DB: DrawingBackend>(
     x: std::ops::Range<f64>,
     shares: &[(f64, [f64; 6])],
 ) -> Result<()> {
-    let mut chart = ChartBuilder::on(area)
-        .caption("stage shares (rollouts)", (FONT, 18))
-        .margin(8)
-        .x_label_area_size(30)
-        .y_label_area_size(52)
-        .build_cartesian_2d(x, 0.0..1.0)
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .light_line_style(WHITE)
-        .x_desc("step")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .label_style((FONT, 12))
-        .draw()
-        .map_err(draw_err)?;
+    let mut chart = step_chart(area, "stage shares (rollouts)", x, 0.0..1.0)?;
     // Draw the cumulative share up to stage k, from the last stage down, so each band shows.
     for k in (0..6).rev() {
         let color = PALETTE[k];
