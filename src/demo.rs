@@ -6,8 +6,8 @@
 //!    woman presents with {finding}. Which of the following is the most likely diagnosis?" with the
 //!    four diagnoses of its group as options A–D (fixed order per group). 480 training and 120
 //!    held-out items (new ages and sexes).
-//! 2. **Tokenizer.** A byte-level BPE (vocabulary 1024 + `<|endoftext|>`) trained on the rendered
-//!    prompts and replies.
+//! 2. **Tokenizer.** A byte-level BPE (target vocabulary 1024; the small corpus yields 861, plus
+//!    `<|endoftext|>`) trained on the rendered prompts and replies.
 //! 3. **Model.** A random Qwen2 (hidden 96, 2 layers, 4 query / 2 key-value heads, MLP 256, tied
 //!    embeddings).
 //! 4. **Warm start, like a base model: format and answers mostly wrong.** A short SFT (8 epochs) on
