@@ -6,10 +6,11 @@ use std::path::PathBuf;
 /// Why a model folder, a config or a weight file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
+    /// (The io error is part of the message, not a `source`, so `{:#}` chains print it once.)
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: invalid config: {msg}")]
     Config { path: PathBuf, msg: String },
@@ -42,7 +43,7 @@ impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 }
