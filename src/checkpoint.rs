@@ -294,6 +294,15 @@ pub fn write_state(dir: &Path, s: &LoopState) -> Result<()> {
         .with_context(|| format!("{}: cannot write", p.display()))
 }
 
+/// The resolved config a checkpoint was written with, plus `key=value` overrides. Its paths are
+/// already resolved, so they are read against an empty base.
+pub fn read_config(dir: &Path, overrides: &[String]) -> Result<TrainConfig> {
+    let p = dir.join("config.toml");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: missing (not a complete checkpoint)", p.display()))?;
+    TrainConfig::from_toml(&text, &p.display().to_string(), overrides, Path::new(""))
+}
+
 /// Config keys that may change on resume without changing the math.
 const NON_MATH_KEYS: &[&str] = &[
     "train.eval_every",

@@ -434,19 +434,14 @@ fn plan(a: PlanArgs) -> Result<()> {
 
 /// The base model folder recorded in an adapter's `adapter_config.json`.
 fn adapter_base(adapter: &Path) -> Result<PathBuf> {
-    let p = adapter.join("adapter_config.json");
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?,
-    )
-    .with_context(|| format!("{}: not JSON", p.display()))?;
-    cfg.get("base_model_name_or_path")
-        .and_then(|v| v.as_str())
+    qwen2_burn::lora::read_adapter_config(adapter)?
+        .base_model_name_or_path
         .map(PathBuf::from)
         .filter(|b| b.join("config.json").is_file())
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: base_model_name_or_path is not a local model folder; pass --base DIR",
-                p.display()
+                adapter.join("adapter_config.json").display()
             )
         })
 }
@@ -812,19 +807,8 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         .as_ref()
         .map(|r| checkpoint::resolve(r, a.out.as_deref()))
         .transpose()?;
-    // A checkpoint's config.toml holds resolved paths: read it with an empty base.
-    let saved_cfg = |ck: &Path| -> Result<TrainConfig> {
-        let p = ck.join("config.toml");
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("{}: missing (not a complete checkpoint)", p.display()))?;
-        TrainConfig::from_toml(&text, &p.display().to_string(), &[], Path::new(""))
-    };
     let mut cfg = match (&a.config, &resume) {
-        (None, Some(ck)) => {
-            let text = std::fs::read_to_string(ck.join("config.toml"))
-                .with_context(|| format!("{}: missing config.toml", ck.display()))?;
-            TrainConfig::from_toml(&text, &ck.display().to_string(), &a.set, Path::new(""))?
-        }
+        (None, Some(ck)) => checkpoint::read_config(ck, &a.set)?,
         _ => TrainConfig::load(a.config.as_deref(), &a.set)?,
     };
     if let Some(m) = a.model {
@@ -837,7 +821,7 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         cfg.train.save_every = k;
     }
     if let Some(ck) = &resume {
-        let diff = checkpoint::math_diff(&saved_cfg(ck)?, &cfg)?;
+        let diff = checkpoint::math_diff(&checkpoint::read_config(ck, &[])?, &cfg)?;
         if !diff.is_empty() && !a.force {
             bail!(
                 "the configuration differs from the checkpoint's ({}) in ways that change the \
@@ -1088,7 +1072,7 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             qwen2_burn::SaveDtype::F32,
             5 << 30,
         )?;
-        std::fs::copy(tok.path(), dir.join("tokenizer.json"))?;
+        crate::checkpoint::copy_tokenizer_files(&a.model, &dir)?;
         eprintln!(
             "lr {lr:e}: {} steps, final loss {:.4}, model in {}",
             hist.len(),

@@ -19,23 +19,6 @@ use crate::config::TrainConfig;
 
 const F32: u64 = 4;
 
-/// Parameters of the Qwen2 model (embedding, blocks, final norm, untied head).
-pub fn base_params(c: &Qwen2Config) -> u64 {
-    let (h, i, v) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.vocab_size as u64,
-    );
-    let q = (c.num_attention_heads * c.head_dim) as u64;
-    let kv = (c.num_key_value_heads * c.head_dim) as u64;
-    let layer = h * q + q // q_proj + bias
-        + 2 * (h * kv + kv) // k_proj, v_proj + biases
-        + q * h // o_proj
-        + 3 * h * i // gate, up, down
-        + 2 * h; // two RMSNorms
-    v * h + c.num_hidden_layers as u64 * layer + h + if c.tie_word_embeddings { 0 } else { v * h }
-}
-
 /// Parameters of one set of LoRA adapters: `r·(in + out)` per target layer.
 pub fn lora_params(c: &Qwen2Config, spec: &LoraSpec) -> u64 {
     let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
@@ -121,7 +104,7 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     pub fn new(p: &PlanInputs) -> Self {
         let c = &p.model;
-        let base = base_params(c);
+        let base = c.num_parameters() as u64;
         let h = c.hidden_size as u64;
         let head = h; // value head [hidden, 1]
         let mut items = Vec::new();

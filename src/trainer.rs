@@ -683,8 +683,6 @@ impl<B: AutodiffBackend> Trainer<B> {
             SaveDtype::F32,
             5 << 30,
         )?;
-        std::fs::copy(self.tok.path(), dir.join("tokenizer.json"))
-            .with_context(|| format!("{}: cannot copy tokenizer", dir.display()))?;
         ckpt::copy_tokenizer_files(&self.cfg.model.path, dir)?;
         Ok(())
     }
@@ -757,10 +755,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
-    /// A checkpoint's model folder: full weights, or (LoRA) adapters on the base `model.path`.
+    /// A checkpoint's model folder: full weights, or (LoRA) adapters on the frozen base already
+    /// in memory (shared with the reference, not read again).
     fn load_weights(&self, dir: &Path) -> Result<Qwen2<B>> {
         if self.cfg.lora.spec().is_some() {
-            let (_, base) = load_qwen2::<B>(&self.cfg.model.path, &self.device)?;
+            let base = self.actor.clone().without_lora();
             let (model, spec) = load_lora(base, dir, &self.device)?;
             if Some(&spec) != self.cfg.lora.spec().as_ref() {
                 bail!(

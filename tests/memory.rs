@@ -43,7 +43,7 @@ fn weights_adapters_and_kv_cache_match_allocated_sizes() {
     for name in ["tied-bf16-sharded", "untied-f32-mha", "tied-f16-gqa"] {
         let (cfg, model) = load_qwen2::<B>(&fixture(name), &dev).unwrap();
         assert_eq!(
-            memory::base_params(&cfg),
+            cfg.num_parameters() as u64,
             model.num_params() as u64,
             "{name}"
         );
@@ -55,7 +55,7 @@ fn weights_adapters_and_kv_cache_match_allocated_sizes() {
         let adapted = model.with_lora(&spec, 0, &dev);
         let (trainable, total) = counts(&adapted);
         assert_eq!(trainable, memory::lora_params(&cfg, &spec), "{name}");
-        assert_eq!(total, memory::base_params(&cfg) + trainable, "{name}");
+        assert_eq!(total, cfg.num_parameters() as u64 + trainable, "{name}");
         let cache = KvCache::<I>::new(&cfg, 5, 37, &dev);
         assert_eq!(
             cache.num_elements() as u64,

@@ -307,6 +307,16 @@ pub fn save_lora<B: Backend>(
     .map_err(|e| ModelError::io(&cpath, e))
 }
 
+/// `DIR/adapter_config.json`.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    let cpath = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cpath).map_err(|e| ModelError::io(&cpath, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: cpath.clone(),
+        msg: e.to_string(),
+    })
+}
+
 /// Reads an adapter folder written by [`save_lora`] (or by PEFT with f32/bf16/f16 tensors and
 /// these target names) and attaches it to `base`.
 pub fn load_lora<B: Backend>(
@@ -315,11 +325,7 @@ pub fn load_lora<B: Backend>(
     device: &B::Device,
 ) -> Result<(Qwen2<B>, LoraSpec)> {
     let cpath = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cpath).map_err(|e| ModelError::io(&cpath, e))?;
-    let cfg: AdapterConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-        path: cpath.clone(),
-        msg: e.to_string(),
-    })?;
+    let cfg = read_adapter_config(dir)?;
     let spec = LoraSpec {
         rank: cfg.r,
         alpha: cfg.lora_alpha,
