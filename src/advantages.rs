@@ -146,6 +146,16 @@ pub enum Estimator {
     ReinforcePpBaseline,
 }
 
+impl Estimator {
+    /// Whether the advantages are whitened over the whole batch (GAE and the REINFORCE++ pair).
+    pub fn whitens(self) -> bool {
+        matches!(
+            self,
+            Estimator::Gae | Estimator::ReinforcePp | Estimator::ReinforcePpBaseline
+        )
+    }
+}
+
 /// The sequence-reward shaping of a critic-free estimator, on groups of `n` consecutive samples of
 /// one prompt:
 /// - `grpo`: `(R_i − μ)/(σ + 1e-9)`, σ the unbiased std of the group;
@@ -187,28 +197,52 @@ pub fn critic_free_advantages(
     gamma: f64,
     est: Estimator,
 ) -> Grid {
+    let g = critic_free_returns(seq_rewards, n, kl, mask, beta, gamma, est);
+    if est.whitens() {
+        whiten(&g, mask)
+    } else {
+        g
+    }
+}
+
+/// [`critic_free_advantages`] before the batch whitening (the data-parallel trainer whitens
+/// with statistics over every device's rows).
+pub fn critic_free_returns(
+    seq_rewards: &[f64],
+    n: usize,
+    kl: &Grid,
+    mask: &Grid,
+    beta: f64,
+    gamma: f64,
+    est: Estimator,
+) -> Grid {
     let shaped = shape_sequence_rewards(seq_rewards, n, est);
     let rewards = token_rewards(&shaped, kl, mask, beta);
-    let g = returns_to_go(&rewards, mask, gamma);
-    match est {
-        Estimator::ReinforcePp | Estimator::ReinforcePpBaseline => whiten(&g, mask),
-        _ => g,
-    }
+    returns_to_go(&rewards, mask, gamma)
 }
 
 /// Fraction of the return variance the critic explains: `1 − Var(G − V)/Var(G)` over valid tokens.
 pub fn explained_variance(values: &Grid, returns: &Grid, mask: &Grid) -> f64 {
-    let diff: Grid = returns
+    let (_, var_g) = masked_moments(returns, mask);
+    let (_, var_d) = masked_moments(&residuals(values, returns), mask);
+    explained_variance_from(var_g, var_d)
+}
+
+/// `G − V`, element-wise.
+pub fn residuals(values: &Grid, returns: &Grid) -> Grid {
+    returns
         .iter()
         .zip(values)
         .map(|(g, v)| g.iter().zip(v).map(|(a, b)| a - b).collect())
-        .collect();
-    let (_, var_g) = masked_moments(returns, mask);
-    let (_, var_d) = masked_moments(&diff, mask);
-    if var_g <= 0.0 {
+        .collect()
+}
+
+/// `1 − Var[G − V] / Var[G]` from the two variances (0 when `Var[G]` is 0).
+pub fn explained_variance_from(var_returns: f64, var_residuals: f64) -> f64 {
+    if var_returns <= 0.0 {
         0.0
     } else {
-        1.0 - var_d / var_g
+        1.0 - var_residuals / var_returns
     }
 }
 

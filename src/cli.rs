@@ -69,6 +69,9 @@ pub struct PlanArgs {
     /// Fail (exit 1) when the peak exceeds this many GiB (default: model.memory_limit_gb).
     #[arg(long)]
     pub limit_gb: Option<f64>,
+    /// Plan one device of a `train --devices N` run (its share of the rollout).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub devices: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -212,6 +215,13 @@ pub struct TrainArgs {
     /// Write a checkpoint every K steps (overrides `train.save_every`).
     #[arg(long, value_name = "K")]
     pub save_every: Option<usize>,
+    /// Data parallelism over N devices (GPUs 0..N with `--features cuda`/`wgpu`; on the CPU
+    /// backends N replicas share the CPU, which only tests the machinery). Each device samples
+    /// and trains on 1/N of `rollout.prompts_per_step`; gradients are all-reduced with Burn's
+    /// collective. Does not change the math.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub devices: usize,
     /// Continue a run: a checkpoint folder, a run folder (its latest checkpoint), or `latest`
     /// (the latest in `--out`). Without `--config`, the checkpoint's config is used.
     #[arg(long, value_name = "DIR|latest")]
@@ -418,7 +428,12 @@ fn plan(a: PlanArgs) -> Result<()> {
             }
         }
     };
-    let plan = MemoryPlan::new(&PlanInputs::from_config(&cfg, &geometry, prompt_len));
+    let plan = MemoryPlan::new(&PlanInputs::from_config(
+        &cfg,
+        &geometry,
+        prompt_len,
+        a.devices.max(1),
+    ));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -856,6 +871,7 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         resume,
         stop: Some(stop),
         inject_nan_steps: vec![],
+        devices: a.devices,
     };
     let outcome = crate::trainer::run::<B>(cfg, &out, device, &opts)?;
     let metrics = &outcome.metrics;

@@ -17,6 +17,7 @@ pub mod experience;
 pub mod loss;
 pub mod memory;
 pub mod optimizer;
+pub mod parallel;
 pub mod parquet_rows;
 pub mod plot;
 pub mod prompt;

@@ -60,15 +60,22 @@ pub struct PlanInputs {
 }
 
 impl PlanInputs {
-    /// The inputs of a training config for a model geometry and the longest prompt.
-    pub fn from_config(cfg: &TrainConfig, model: &Qwen2Config, prompt_len: usize) -> Self {
+    /// The inputs of a training config for a model geometry and the longest prompt, per device
+    /// when the run is data-parallel over `devices` (each generates for its share of prompts).
+    pub fn from_config(
+        cfg: &TrainConfig,
+        model: &Qwen2Config,
+        prompt_len: usize,
+        devices: usize,
+    ) -> Self {
+        let prompts = cfg.rollout.prompts_per_step / devices.max(1);
         Self {
             model: model.clone(),
             lora: cfg.lora.spec(),
             critic: cfg.ppo.estimator == Estimator::Gae,
             rollout_rows: match cfg.rollout.generate_batch {
-                0 => cfg.rollout.prompts_per_step,
-                g => g.min(cfg.rollout.prompts_per_step),
+                0 => prompts,
+                g => g.min(prompts),
             } * cfg.rollout.n,
             prompt_len,
             max_new_tokens: cfg.rollout.max_new_tokens,

@@ -29,6 +29,7 @@ use crate::experience::{grid_tensor, pad_rows, ragged, Batch, Experience};
 use crate::loss;
 use crate::memory::{MemoryPlan, PlanInputs};
 use crate::optimizer::{adamw, clip_global_norm, cosine_lr};
+use crate::parallel::{nth_device, stable_param_ids, World};
 use crate::prompt;
 use crate::sampler::{self, SamplingParams};
 use crate::task::{self, LoadOptions, McqaItem};
@@ -101,7 +102,13 @@ pub struct Trainer<B: AutodiffBackend> {
     pub inject_nan_steps: Vec<usize>,
     eos: u32,
     device: B::Device,
+    /// This replica's place among the data-parallel replicas (see `parallel.rs`).
+    pub world: World,
 }
+
+/// Parameter-id bases of the actor and the critic (see [`stable_param_ids`]).
+const ACTOR_IDS: u64 = 0xA << 32;
+const CRITIC_IDS: u64 = 0xC << 32;
 
 fn load_items(path: &Path, cfg: &TrainConfig) -> Result<Vec<McqaItem>> {
     let opts = LoadOptions {
@@ -125,6 +132,13 @@ fn load_items(path: &Path, cfg: &TrainConfig) -> Result<Vec<McqaItem>> {
 
 impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(cfg: TrainConfig, device: B::Device) -> Result<Self> {
+        Self::replica(cfg, device, World::single())
+    }
+
+    /// Replica `world.rank` of a data-parallel run (built from the same files and seeds as every
+    /// other replica, so all start equal). `World::join` must have been called for it.
+    pub fn replica(cfg: TrainConfig, device: B::Device, world: World) -> Result<Self> {
+        check_shardable(&cfg, world.size)?;
         let dir = &cfg.model.path;
         let tok = Tokenizer::from_dir(dir)?;
         let train_items = load_items(&cfg.data.train, &cfg)?;
@@ -142,7 +156,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         // The memory plan, before any weight is allocated.
         let model_config = Qwen2Config::from_dir(dir)?;
         let prompt_len = train_prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let plan = MemoryPlan::new(&PlanInputs::from_config(&cfg, &model_config, prompt_len));
+        let plan = MemoryPlan::new(&PlanInputs::from_config(
+            &cfg,
+            &model_config,
+            prompt_len,
+            world.size,
+        ));
         if let Some(gb) = cfg.model.memory_limit_gb {
             plan.check((gb * (1u64 << 30) as f64) as u64)
                 .map_err(|e| anyhow::anyhow!("{e} (model.memory_limit_gb = {gb})"))?;
@@ -156,9 +175,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             Some(spec) => base.clone().with_lora(spec, cfg.seed ^ salt, &device),
             None => base.clone(),
         };
-        let actor = backbone(0);
-        let critic = (cfg.ppo.estimator == Estimator::Gae)
-            .then(|| Critic::new(backbone(0xC817), cfg.seed, &device));
+        let actor = stable_param_ids(backbone(0), ACTOR_IDS);
+        let critic = (cfg.ppo.estimator == Estimator::Gae).then(|| {
+            stable_param_ids(Critic::new(backbone(0xC817), cfg.seed, &device), CRITIC_IDS)
+        });
         let per_step = cfg.rollout.prompts_per_step;
         let total_steps = if cfg.train.steps > 0 {
             cfg.train.steps
@@ -194,6 +214,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             total_opt_steps,
             eos,
             device,
+            world,
         };
         t.reshuffle();
         Ok(t)
@@ -274,11 +295,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         let t0 = Instant::now();
         let cfg = self.cfg.clone();
         let chunk = cfg.model.logprob_chunk;
-        let idx = self.next_batch(cfg.rollout.prompts_per_step);
+        let world = self.world;
+        // Every replica draws the same prompts and keeps its shard of them.
+        let all = self.next_batch(cfg.rollout.prompts_per_step);
+        let shard = world.shard(all.len());
+        let idx = all[shard.clone()].to_vec();
         let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_prompts[i].clone()).collect();
         let inner_actor = self.actor.valid();
         // Generation in slices of `rollout.generate_batch` prompts (bounds the KV cache); each
-        // prompt's RNG is keyed by its index in the step, so slicing does not change the samples.
+        // prompt's RNG is keyed by its index in the step, so neither slicing nor sharding changes
+        // the samples.
         let params = self.sampling();
         let per_call = match cfg.rollout.generate_batch {
             0 => prompts.len().max(1),
@@ -292,7 +318,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     &inner_actor,
                     &self.model_config,
                     slice,
-                    first,
+                    shard.start + first,
                     &params,
                     &self.tok,
                     &self.device,
@@ -401,7 +427,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         let kl = adv::kl(&old, &reference, &mask, kl_est);
         let k1 = adv::kl(&old, &reference, &mask, KlEstimator::K1);
-        let (kl_mean, _) = adv::masked_moments(&k1, &mask);
+        // Batch statistics are over every replica's rows (`moments` is local with one device).
+        let dev = self.device.clone();
+        let moments = |x: &Grid| world.masked_moments::<B::InnerBackend>(x, &mask, &dev);
+        let (kl_mean, _) = moments(&k1)?;
         let beta_in_reward = if cfg.ppo.use_kl_loss {
             0.0
         } else {
@@ -418,10 +447,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             );
             let rewards = adv::token_rewards(&seq_rewards, &kl, &mask, beta_in_reward);
             let (a, g) = adv::gae(&rewards, &values, &mask, cfg.ppo.gamma, cfg.ppo.lambda);
-            let ev = adv::explained_variance(&values, &g, &mask);
-            (adv::whiten(&a, &mask), g, ev)
+            let (_, var_g) = moments(&g)?;
+            let (_, var_d) = moments(&adv::residuals(&values, &g))?;
+            let ev = adv::explained_variance_from(var_g, var_d);
+            let (mean, var) = moments(&a)?;
+            (adv::whiten_with(&a, mean, var), g, ev)
         } else {
-            let a = adv::critic_free_advantages(
+            let mut a = adv::critic_free_returns(
                 &seq_rewards,
                 cfg.rollout.n,
                 &kl,
@@ -430,6 +462,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 cfg.ppo.gamma,
                 cfg.ppo.estimator,
             );
+            if cfg.ppo.estimator.whitens() {
+                let (mean, var) = moments(&a)?;
+                a = adv::whiten_with(&a, mean, var);
+            }
             (a.clone(), a, 0.0)
         };
         for (i, e) in exps.iter_mut().enumerate() {
@@ -449,29 +485,48 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .any(|x| !x.is_finite())
             }))
         .then(|| "non-finite log-probs, KL or advantages in the rollout".to_string());
+        if world.any::<B::InnerBackend>(fault.is_some(), &dev)? && fault.is_none() {
+            fault = Some("non-finite rollout numbers on another device".into());
+        }
         let inject_nan = self.inject_nan_steps.contains(&self.step);
         let train_actor = self.step >= cfg.ppo.critic_warmup;
         let mut rng =
             StdRng::seed_from_u64(cfg.seed ^ (self.step as u64).wrapping_mul(0x5851_F42D));
-        let (mut pl_sum, mut vl_sum, mut cf_sum, mut gn_sum, mut cgn_sum, mut n_mb, mut n_opt) =
-            (0.0, 0.0, 0.0, 0.0, 0.0, 0usize, 0usize);
+        // The shuffle and the loss weights are over the global batch: replica `r` holds global
+        // samples `first..first + exps.len()` and trains on its members of each global mini-batch.
+        let first = world.rank * exps.len();
+        let mut lens = vec![0.0; exps.len() * world.size];
+        for (k, e) in exps.iter().enumerate() {
+            lens[first + k] = e.response.len() as f64;
+        }
+        let lens = world.sum::<B::InnerBackend>(&lens, &dev)?;
+        let (mut pl_sum, mut vl_sum, mut cf_sum, mut gn_sum, mut cgn_sum, mut n_opt) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, 0usize);
         let mut lr = 0.0;
         let mut critic_lr = 0.0;
         'update: for _ in 0..cfg.ppo.ppo_epochs {
             if fault.is_some() {
                 break;
             }
-            let mut order: Vec<usize> = (0..exps.len()).collect();
+            let mut order: Vec<usize> = (0..lens.len()).collect();
             order.shuffle(&mut rng);
             for train_batch in order.chunks(cfg.ppo.train_batch) {
-                let total_tokens: usize = train_batch
+                let total_tokens = (train_batch.iter().map(|&i| lens[i]).sum::<f64>()).max(1.0);
+                let mut mine: Vec<usize> = train_batch
                     .iter()
-                    .map(|&i| exps[i].response.len())
-                    .sum::<usize>()
-                    .max(1);
+                    .filter(|&&i| (first..first + exps.len()).contains(&i))
+                    .map(|&i| i - first)
+                    .collect();
+                // A replica with no member of this mini-batch still reduces the same parameters:
+                // it runs one of its samples with weight 0.
+                let idle = mine.is_empty();
+                if idle {
+                    mine.push(0);
+                }
                 let mut acc_actor = GradientsAccumulator::<Qwen2<B>>::new();
                 let mut acc_critic = GradientsAccumulator::<Critic<B>>::new();
-                for mb in train_batch.chunks(cfg.ppo.micro_batch) {
+                let mut local_fault = None;
+                for mb in mine.chunks(cfg.ppo.micro_batch) {
                     let rows: Vec<(&[u32], &[u32])> = mb
                         .iter()
                         .map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice()))
@@ -487,14 +542,18 @@ impl<B: AutodiffBackend> Trainer<B> {
                             &self.device,
                         )
                     };
-                    // Weight of this micro-batch in the train-batch mean.
-                    let weight = match cfg.ppo.loss_agg {
-                        loss::Aggregation::SeqMeanTokenMean => {
-                            mb.len() as f64 / train_batch.len() as f64
-                        }
-                        loss::Aggregation::TokenMean => {
-                            mb.iter().map(|&i| exps[i].response.len()).sum::<usize>() as f64
-                                / total_tokens as f64
+                    // Weight of this micro-batch in the global mini-batch mean.
+                    let weight = if idle {
+                        0.0
+                    } else {
+                        match cfg.ppo.loss_agg {
+                            loss::Aggregation::SeqMeanTokenMean => {
+                                mb.len() as f64 / train_batch.len() as f64
+                            }
+                            loss::Aggregation::TokenMean => {
+                                mb.iter().map(|&i| exps[i].response.len()).sum::<usize>() as f64
+                                    / total_tokens
+                            }
                         }
                     };
                     if train_actor {
@@ -524,8 +583,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                         }
                         let total_value = scalar(total.clone());
                         if !total_value.is_finite() {
-                            fault = Some(format!("policy loss {total_value}"));
-                            break 'update;
+                            local_fault = Some(format!("policy loss {total_value}"));
+                            break;
                         }
                         pl_sum += scalar(pl) * weight;
                         cf_sum += cf * weight;
@@ -547,13 +606,19 @@ impl<B: AutodiffBackend> Trainer<B> {
                         );
                         let vl_value = scalar(vl.clone());
                         if !vl_value.is_finite() {
-                            fault = Some(format!("value loss {vl_value}"));
-                            break 'update;
+                            local_fault = Some(format!("value loss {vl_value}"));
+                            break;
                         }
                         vl_sum += vl_value * weight;
                         let grads = vl.mul_scalar(weight).backward();
                         acc_critic.accumulate(critic, GradientsParams::from_grads(grads, critic));
                     }
+                }
+                // Every replica learns of a fault on any of them before reducing gradients.
+                if world.any::<B::InnerBackend>(local_fault.is_some(), &dev)? {
+                    fault =
+                        local_fault.or_else(|| Some("a non-finite loss on another device".into()));
+                    break 'update;
                 }
                 lr = cosine_lr(
                     cfg.optim.actor_lr,
@@ -569,9 +634,16 @@ impl<B: AutodiffBackend> Trainer<B> {
                     cfg.optim.warmup_ratio,
                     cfg.optim.min_lr_ratio,
                 );
-                // Norms first: a non-finite one skips the rest of the step before any update.
-                let mut actor_grads = train_actor.then(|| acc_actor.grads());
-                let mut critic_grads = self.critic.as_ref().map(|_| acc_critic.grads());
+                // Gradients summed over the replicas, then norms: a non-finite one skips the rest
+                // of the step before any update.
+                let mut actor_grads = match train_actor {
+                    true => Some(world.sum_grads::<B>(acc_actor.grads())?),
+                    false => None,
+                };
+                let mut critic_grads = match &self.critic {
+                    Some(_) => Some(world.sum_grads::<B>(acc_critic.grads())?),
+                    None => None,
+                };
                 let gn = match (&mut actor_grads, &self.actor) {
                     (Some(g), a) => clip_global_norm(a, g, cfg.optim.grad_clip),
                     _ => 0.0,
@@ -597,52 +669,68 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.opt_step += 1;
                 n_opt += 1;
             }
-            n_mb += 1;
         }
-        let _ = n_mb;
         if fault.is_none() {
-            self.update_kl_coef(kl_mean, exps.len());
+            self.update_kl_coef(kl_mean, lens.len());
             self.bad_streak = 0;
         } else {
             self.bad_streak += 1;
         }
+        // The step's metrics, as sums over every replica's samples.
         let summary = Summary::from_verdicts(&verdicts);
-        let n_opt = n_opt.max(1) as f64;
         let think: Vec<f64> = verdicts
             .iter()
             .filter(|v| v.stage != Stage::FormatFailure)
             .map(|v| v.diagnostics.think_words as f64)
             .collect();
-        let tokens: usize = samples.iter().map(|s| s.entropies.len()).sum();
-        let entropy = samples
-            .iter()
-            .flat_map(|s| s.entropies.iter())
-            .map(|&e| e as f64)
-            .sum::<f64>()
-            / tokens.max(1) as f64;
+        let entropies = samples.iter().flat_map(|s| s.entropies.iter());
+        let n = summary.count as f64;
+        let mut tally = vec![
+            n,
+            verdicts.iter().map(|v| v.reward as f64).sum::<f64>(),
+            verdicts.iter().filter(|v| v.format_ok).count() as f64,
+            verdicts.iter().filter(|v| v.correct).count() as f64,
+            generated as f64,
+            think.iter().sum::<f64>(),
+            think.len() as f64,
+            entropies.clone().map(|&e| e as f64).sum::<f64>(),
+            entropies.count() as f64,
+            pl_sum,
+            vl_sum,
+            cf_sum,
+        ];
+        tally.extend(summary.stages.values().map(|&c| c as f64));
+        let t = world.sum::<B::InnerBackend>(&tally, &dev)?;
+        let stages = summary
+            .stages
+            .keys()
+            .cloned()
+            .zip(t[12..].iter().map(|&c| c as usize));
+        let per = |i: usize, by: usize| t[i] / t[by].max(1.0);
+        let n_opt = n_opt.max(1) as f64;
         let seconds = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {
             step: self.step,
             epoch: self.epoch,
-            reward_mean: summary.reward_mean,
-            format_rate: summary.format_rate,
-            accuracy: summary.accuracy,
-            response_len_mean: generated as f64 / samples.len().max(1) as f64,
-            think_len_mean: think.iter().sum::<f64>() / think.len().max(1) as f64,
+            reward_mean: per(1, 0),
+            format_rate: per(2, 0),
+            accuracy: per(3, 0),
+            response_len_mean: per(4, 0),
+            think_len_mean: per(5, 6),
             kl: kl_mean,
             kl_coef: self.kl_coef,
-            entropy,
-            policy_loss: pl_sum / n_opt,
-            value_loss: vl_sum / n_opt,
-            clip_frac: cf_sum / n_opt,
+            entropy: per(7, 8),
+            policy_loss: t[9] / n_opt,
+            value_loss: t[10] / n_opt,
+            clip_frac: t[11] / n_opt,
             explained_var,
             grad_norm: gn_sum / n_opt,
             critic_grad_norm: cgn_sum / n_opt,
             lr,
             critic_lr,
-            tokens_per_s: generated as f64 / seconds,
+            tokens_per_s: t[4] / seconds,
             seconds,
-            stages: summary.stages,
+            stages: stages.collect(),
             eval_accuracy: None,
             eval_format_rate: None,
             skipped: fault,
@@ -685,6 +773,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         )?;
         ckpt::copy_tokenizer_files(&self.cfg.model.path, dir)?;
         Ok(())
+    }
+
+    /// Whether `flag` is set on any data-parallel replica (itself when alone).
+    pub fn agree(&self, flag: bool) -> Result<bool> {
+        self.world.any::<B::InnerBackend>(flag, &self.device)
     }
 
     /// The frozen reference policy (with LoRA: the base model, adapters off).
@@ -783,7 +876,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// reference model stays the start model (`model.path`).
     pub fn load_checkpoint(&mut self, dir: &Path) -> Result<()> {
         let st = ckpt::read_state(dir)?;
-        let actor = self.load_weights(&dir.join("actor"))?;
+        let actor = stable_param_ids(self.load_weights(&dir.join("actor"))?, ACTOR_IDS);
         let file = dir.join("optimizer").join("actor.mpk");
         let rec: ActorRecord<B> = ckpt::load_record::<B, _>(&file, &self.device)?;
         let rec = ckpt::from_stable_keys(rec, &ckpt::param_names::<B, _>(&actor), &file)?;
@@ -792,8 +885,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         if self.critic.is_some() {
             let cdir = dir.join("critic");
             let backbone = self.load_weights(&cdir)?;
-            let critic =
-                Critic::load_head(backbone, &cdir.join("value_head.safetensors"), &self.device)?;
+            let critic = stable_param_ids(
+                Critic::load_head(backbone, &cdir.join("value_head.safetensors"), &self.device)?,
+                CRITIC_IDS,
+            );
             let file = dir.join("optimizer").join("critic.mpk");
             let rec: CriticRecord<B> = ckpt::load_record::<B, _>(&file, &self.device)?;
             let rec = ckpt::from_stable_keys(rec, &ckpt::param_names::<B, _>(&critic), &file)?;
@@ -834,6 +929,8 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Fault injection for tests (see [`Trainer::inject_nan_steps`]).
     pub inject_nan_steps: Vec<usize>,
+    /// Data-parallel replicas, one per device (0 or 1: one device).
+    pub devices: usize,
 }
 
 /// What a run did.
@@ -880,9 +977,20 @@ fn open_log(path: &Path, append: bool) -> Result<std::fs::File> {
         .with_context(|| format!("{}: cannot open", path.display()))
 }
 
+/// Each of `devices` replicas takes an equal share of a step's prompts.
+fn check_shardable(cfg: &TrainConfig, devices: usize) -> Result<()> {
+    let n = cfg.rollout.prompts_per_step;
+    if !n.is_multiple_of(devices) {
+        bail!("rollout.prompts_per_step ({n}) must be a multiple of the number of devices ({devices})");
+    }
+    Ok(())
+}
+
 /// The whole run: metrics.jsonl, samples.jsonl, a progress bar, held-out evaluations, periodic
 /// checkpoints (`train.save_every`), resume, the NaN/Inf guard (`train.max_bad_steps`), a clean
-/// stop on `opts.stop`, and the final actor in `OUT/final`.
+/// stop on `opts.stop`, and the final actor in `OUT/final`. With `opts.devices > 1`, one replica
+/// per device (device `i` of `device`'s kind; on the CPU backends they share the CPU), each on
+/// its own thread; replica 0 logs, evaluates and writes checkpoints (see `parallel.rs`).
 pub fn run<B: AutodiffBackend>(
     cfg: TrainConfig,
     out: &Path,
@@ -891,21 +999,85 @@ pub fn run<B: AutodiffBackend>(
 ) -> Result<RunOutcome> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
-    let mut trainer = Trainer::<B>::new(cfg, device)?;
-    if !opts.quiet {
+    let size = opts.devices.max(1);
+    check_shardable(&cfg, size)?;
+    if size == 1 {
+        return drive(Trainer::<B>::new(cfg, device)?, out, opts);
+    }
+    let mut workers = Vec::with_capacity(size - 1);
+    for rank in 1..size {
+        let (cfg, device) = (cfg.clone(), nth_device(&device, rank));
+        let (out, opts) = (
+            out.to_path_buf(),
+            RunOptions {
+                stop: None,
+                quiet: true,
+                ..opts.clone()
+            },
+        );
+        let body = move || -> Result<()> {
+            let world = World::join::<B::InnerBackend>(rank, size, &device)?;
+            drive(Trainer::<B>::replica(cfg, device, world)?, &out, &opts)?;
+            world.leave::<B::InnerBackend>()
+        };
+        // A replica that fails leaves the others waiting in a collective: end the process.
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("replica-{rank}"))
+                .spawn(move || {
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            eprintln!("error on data-parallel replica {rank}: {e:#}");
+                            std::process::exit(1);
+                        }
+                        Err(_) => {
+                            eprintln!("data-parallel replica {rank} panicked");
+                            std::process::exit(101);
+                        }
+                    }
+                })?,
+        );
+    }
+    let device = nth_device(&device, 0);
+    let world = World::join::<B::InnerBackend>(0, size, &device)?;
+    let outcome = drive(Trainer::<B>::replica(cfg, device, world)?, out, opts)?;
+    world.leave::<B::InnerBackend>()?;
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a data-parallel replica thread panicked"))?;
+    }
+    Ok(outcome)
+}
+
+/// One replica's loop; only the main replica writes files and evaluates.
+fn drive<B: AutodiffBackend>(
+    mut trainer: Trainer<B>,
+    out: &Path,
+    opts: &RunOptions,
+) -> Result<RunOutcome> {
+    let main = trainer.world.is_main();
+    if main && !opts.quiet {
         eprint!("{}", trainer.plan.render());
     }
     trainer.inject_nan_steps = opts.inject_nan_steps.clone();
     let (metrics_path, samples_path) = (out.join("metrics.jsonl"), out.join("samples.jsonl"));
     if let Some(dir) = &opts.resume {
         trainer.load_checkpoint(dir)?;
-        truncate_jsonl(&metrics_path, trainer.step)?;
-        truncate_jsonl(&samples_path, trainer.step)?;
-        eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+        if main {
+            truncate_jsonl(&metrics_path, trainer.step)?;
+            truncate_jsonl(&samples_path, trainer.step)?;
+            eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+        }
     }
     let resumed = opts.resume.is_some();
-    let mut metrics_file = open_log(&metrics_path, resumed)?;
-    let mut samples_file = open_log(&samples_path, resumed)?;
+    let mut logs = match main {
+        true => Some((
+            open_log(&metrics_path, resumed)?,
+            open_log(&samples_path, resumed)?,
+        )),
+        false => None,
+    };
     let bar = if opts.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -918,7 +1090,7 @@ pub fn run<B: AutodiffBackend>(
     );
     bar.set_position(trainer.step as u64);
     let tc = trainer.cfg.train.clone();
-    let has_eval = tc.eval_every > 0 && !trainer.eval_items.is_empty();
+    let has_eval = main && tc.eval_every > 0 && !trainer.eval_items.is_empty();
     let mut all = Vec::new();
     let mut last_eval = if has_eval && trainer.step == 0 {
         Some(trainer.evaluate()?)
@@ -933,7 +1105,7 @@ pub fn run<B: AutodiffBackend>(
     while trainer.step < trainer.total_steps {
         let s = trainer.step;
         let (mut m, shown) = trainer.step()?;
-        if has_eval && ((s + 1) % tc.eval_every == 0 || s + 1 == trainer.total_steps) {
+        if has_eval && ((s + 1).is_multiple_of(tc.eval_every) || s + 1 == trainer.total_steps) {
             let (a, f) = trainer.evaluate()?;
             m.eval_accuracy = Some(a);
             m.eval_format_rate = Some(f);
@@ -946,9 +1118,11 @@ pub fn run<B: AutodiffBackend>(
                 m.eval_format_rate.get_or_insert(f);
             }
         }
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        for line in shown {
-            writeln!(samples_file, "{line}")?;
+        if let Some((metrics_file, samples_file)) = &mut logs {
+            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+            for line in shown {
+                writeln!(samples_file, "{line}")?;
+            }
         }
         if let Some(why) = &m.skipped {
             bar.println(format!("step {s}: update skipped ({why})"));
@@ -966,7 +1140,14 @@ pub fn run<B: AutodiffBackend>(
         ));
         bar.inc(1);
         all.push(m);
+        // The fault streak is the same on every replica (faults are agreed on in `step`).
         if trainer.bad_streak >= tc.max_bad_steps.max(1) {
+            if !main {
+                return Ok(RunOutcome {
+                    metrics: all,
+                    interrupted: None,
+                });
+            }
             bar.abandon();
             let ck = trainer.save_checkpoint(out)?;
             bail!(
@@ -980,27 +1161,34 @@ pub fn run<B: AutodiffBackend>(
             );
         }
         let done = trainer.step == trainer.total_steps;
-        if tc.save_every > 0 && (trainer.step % tc.save_every == 0 || done) {
+        if main && tc.save_every > 0 && (trainer.step.is_multiple_of(tc.save_every) || done) {
             trainer.save_checkpoint(out)?;
         }
-        if !done && opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+        // The main replica's stop request, agreed on by all.
+        let stop = trainer.agree(opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)))?;
+        if !done && stop {
             bar.abandon();
-            let ck = trainer.save_checkpoint(out)?;
+            let ck = match main {
+                true => Some(trainer.save_checkpoint(out)?),
+                false => None,
+            };
             return Ok(RunOutcome {
                 metrics: all,
-                interrupted: Some(ck),
+                interrupted: ck,
             });
         }
     }
     bar.finish();
-    trainer.save_actor(&out.join("final"))?;
-    if let Some(spec) = trainer.cfg.lora.spec() {
-        save_lora(
-            &trainer.actor,
-            &spec,
-            Some(&trainer.cfg.model.path),
-            &out.join("final_adapter"),
-        )?;
+    if main {
+        trainer.save_actor(&out.join("final"))?;
+        if let Some(spec) = trainer.cfg.lora.spec() {
+            save_lora(
+                &trainer.actor,
+                &spec,
+                Some(&trainer.cfg.model.path),
+                &out.join("final_adapter"),
+            )?;
+        }
     }
     Ok(RunOutcome {
         metrics: all,

@@ -126,8 +126,8 @@ fn over_the_limit_is_refused_naming_the_setting() {
     // The plan's rollout term follows rollout.generate_batch.
     let cfg = demo(&["rollout.generate_batch=2"]);
     let geometry = qwen2_burn::Qwen2Config::from_dir(&cfg.model.path).unwrap();
-    let small = MemoryPlan::new(&PlanInputs::from_config(&cfg, &geometry, 150));
-    let big = MemoryPlan::new(&PlanInputs::from_config(&demo(&[]), &geometry, 150));
+    let small = MemoryPlan::new(&PlanInputs::from_config(&cfg, &geometry, 150, 1));
+    let big = MemoryPlan::new(&PlanInputs::from_config(&demo(&[]), &geometry, 150, 1));
     assert!(small.rollout * 3 < big.rollout);
 }
 

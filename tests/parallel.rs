@@ -1,0 +1,178 @@
+//! Data parallelism on the CPU: two replicas in one process, joined by Burn's collective, take the
+//! same PPO update as one device on the combined batch (within 1e-5), and stay equal to each other.
+//! One test function: the collective is process-wide, so its uses must not overlap.
+
+use std::path::Path;
+use std::thread;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use med_rlvr::config::TrainConfig;
+use med_rlvr::parallel::World;
+use med_rlvr::trainer::{self, RunOptions, StepMetrics, Trainer};
+
+type Inner = NdArray<f32>;
+type B = Autodiff<Inner>;
+
+fn cfg(extra: &[&str]) -> TrainConfig {
+    let mut set: Vec<String> = [
+        "train.eval_every=0",
+        "rollout.prompts_per_step=8",
+        "rollout.n=2",
+        "rollout.max_new_tokens=24",
+        "ppo.micro_batch=2",
+        "ppo.kl_target=0.05",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    set.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::load(None, &set).unwrap()
+}
+
+fn weights<M: Module<Bk>, Bk: Backend>(m: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<Bk: Backend> burn::module::ModuleVisitor<Bk> for Collect {
+        fn visit_float<const D: usize>(
+            &mut self,
+            p: &burn::module::Param<burn::tensor::Tensor<Bk, D>>,
+        ) {
+            let d = p.val().into_data().convert::<f32>();
+            self.0.extend(d.as_slice::<f32>().unwrap());
+        }
+    }
+    let mut c = Collect(vec![]);
+    m.visit(&mut c);
+    c.0
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Metrics, actor weights and critic weights after `steps` steps of one replica.
+type Outcome = (Vec<StepMetrics>, Vec<f32>, Vec<f32>);
+
+fn train(t: &mut Trainer<B>, steps: usize) -> Outcome {
+    let m = (0..steps).map(|_| t.step().unwrap().0).collect();
+    let critic = t.critic.as_ref().map(weights).unwrap_or_default();
+    (m, weights(&t.actor), critic)
+}
+
+fn assert_same_metrics(one: &[StepMetrics], dp: &[StepMetrics]) {
+    assert_eq!(one.len(), dp.len());
+    for (a, b) in one.iter().zip(dp) {
+        // Same samples (the sampler's streams are keyed by the prompt's index in the step).
+        assert_eq!(a.reward_mean, b.reward_mean, "step {}", a.step);
+        assert_eq!(a.response_len_mean, b.response_len_mean, "step {}", a.step);
+        assert_eq!(a.stages, b.stages, "step {}", a.step);
+        for (name, x, y) in [
+            ("kl", a.kl, b.kl),
+            ("entropy", a.entropy, b.entropy),
+            ("policy_loss", a.policy_loss, b.policy_loss),
+            ("value_loss", a.value_loss, b.value_loss),
+            ("grad_norm", a.grad_norm, b.grad_norm),
+            ("critic_grad_norm", a.critic_grad_norm, b.critic_grad_norm),
+            ("explained_var", a.explained_var, b.explained_var),
+            ("kl_coef", a.kl_coef, b.kl_coef),
+        ] {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                "step {} {name}: one device {x}, two {y}",
+                a.step
+            );
+        }
+    }
+}
+
+fn read_final(dir: &Path) -> Vec<f32> {
+    let (_, m) = qwen2_burn::load_qwen2::<Inner>(&dir.join("final"), &Default::default()).unwrap();
+    weights(&m)
+}
+
+#[test]
+fn two_replicas_take_the_single_device_update() {
+    // 1. PPO with a critic (GAE, whitening over both shards, adaptive KL), two PPO epochs of four
+    //    mini-batches of 4 samples, two steps; the replicas built and stepped directly.
+    let c = cfg(&["ppo.train_batch=4"]);
+    let one = train(
+        &mut Trainer::<B>::new(c.clone(), Default::default()).unwrap(),
+        2,
+    );
+    let replicas: Vec<Outcome> = (0..2)
+        .map(|rank| {
+            let c = c.clone();
+            thread::spawn(move || {
+                let dev = Default::default();
+                let world = World::join::<Inner>(rank, 2, &dev).unwrap();
+                let mut t = Trainer::<B>::replica(c, dev, world).unwrap();
+                let out = train(&mut t, 2);
+                world.leave::<Inner>().unwrap();
+                out
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert_eq!(replicas[0].1, replicas[1].1, "actor replicas diverged");
+    assert_eq!(replicas[0].2, replicas[1].2, "critic replicas diverged");
+    assert_same_metrics(&one.0, &replicas[0].0);
+    let (da, dc) = (
+        max_diff(&one.1, &replicas[0].1),
+        max_diff(&one.2, &replicas[0].2),
+    );
+    eprintln!("PPO: max |Δ actor| {da:e}, max |Δ critic| {dc:e}");
+    assert!(da <= 1e-5 && dc <= 1e-5, "actor {da}, critic {dc}");
+    // The updates were real: the weights moved by far more than the tolerance.
+    let start = weights(&Trainer::<B>::new(c, Default::default()).unwrap().actor);
+    assert!(max_diff(&start, &one.1) > 1e-3);
+
+    // 2. The same through `trainer::run` (threads, logging on replica 0, the final model):
+    //    REINFORCE++ (critic-free, whitened over the whole batch) with LoRA, mini-batches of 2
+    //    samples, so that a replica often holds none of a mini-batch's samples.
+    let c = cfg(&[
+        "train.steps=2",
+        "ppo.estimator=\"reinforce_pp\"",
+        "ppo.train_batch=2",
+        "lora.rank=4",
+    ]);
+    let run = |devices: usize| {
+        let out = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            quiet: true,
+            devices,
+            ..Default::default()
+        };
+        let m = trainer::run::<B>(c.clone(), out.path(), Default::default(), &opts)
+            .unwrap()
+            .metrics;
+        let lines = std::fs::read_to_string(out.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 2, "one metrics line per step");
+        (m, read_final(out.path()))
+    };
+    let (m1, w1) = run(1);
+    let (m2, w2) = run(2);
+    assert_same_metrics(&m1, &m2);
+    let d = max_diff(&w1, &w2);
+    eprintln!("REINFORCE++ with LoRA through `run`: max |Δ merged actor| {d:e}");
+    assert!(d <= 1e-5, "{d}");
+
+    // 3. A step count the devices cannot share is refused with the setting to change.
+    let err = Trainer::<B>::replica(
+        cfg(&["rollout.prompts_per_step=3"]),
+        Default::default(),
+        World { rank: 0, size: 2 },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("rollout.prompts_per_step"),
+        "{err}"
+    );
+}
