@@ -70,6 +70,29 @@ pub struct ModelConfig {
     pub logprob_chunk: usize,
     /// Refuse to start when the memory plan's peak exceeds this many GiB (unset: no check).
     pub memory_limit_gb: Option<f64>,
+    /// Storage of the frozen base under LoRA: `f32`, or `bf16` (half the memory; projections
+    /// multiply in bf16, activations, adapters, log-probs and losses stay f32). Needs LoRA and a
+    /// backend with bf16 tensors (cuda, wgpu, flex).
+    pub base_dtype: BaseDtype,
+}
+
+/// See [`ModelConfig::base_dtype`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl BaseDtype {
+    /// Bytes per stored element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            BaseDtype::F32 => 4,
+            BaseDtype::Bf16 => 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +196,7 @@ impl Default for ModelConfig {
             path: PathBuf::new(),
             logprob_chunk: 64,
             memory_limit_gb: None,
+            base_dtype: BaseDtype::F32,
         }
     }
 }
@@ -310,6 +334,13 @@ impl TrainConfig {
     fn validate(&self) -> Result<(), String> {
         if let Some(spec) = self.lora.spec() {
             spec.validate()?;
+        }
+        if self.model.base_dtype != BaseDtype::F32 && self.lora.spec().is_none() {
+            return Err(
+                "model.base_dtype = \"bf16\" stores the frozen base of LoRA training; \
+                        set lora.rank > 0, or model.base_dtype = \"f32\" for full fine-tuning"
+                    .into(),
+            );
         }
         let p = &self.ppo;
         if self.rollout.prompts_per_step == 0 || self.rollout.n == 0 {

@@ -2,7 +2,9 @@
 //! config before anything is allocated, so a run that cannot fit is refused with the setting to
 //! change instead of dying in the middle of step 1.
 //!
-//! Everything is f32 (4 bytes), as the trainer stores it today. Persistent: the frozen base
+//! Everything is f32 (4 bytes) except, with `model.base_dtype = "bf16"`, the frozen base under
+//! LoRA (2 bytes; the update then also saves each projection's bf16 input, `T·(6·H + I)/2` more
+//! f32 slots per layer). Persistent: the frozen base
 //! (reference; with LoRA also the actor's and critic's base), the trainable copies (full
 //! fine-tuning: actor and critic backbones), adapters, value head, gradients (one per trainable
 //! float) and AdamW's two moments. Transient, whichever phase is larger: the rollout (KV cache
@@ -57,6 +59,8 @@ pub struct PlanInputs {
     pub max_new_tokens: usize,
     pub micro_batch: usize,
     pub logprob_chunk: usize,
+    /// Bytes per element of the frozen base (4, or 2 with `model.base_dtype = "bf16"`).
+    pub base_bytes: u64,
 }
 
 impl PlanInputs {
@@ -81,6 +85,10 @@ impl PlanInputs {
             max_new_tokens: cfg.rollout.max_new_tokens,
             micro_batch: cfg.ppo.micro_batch,
             logprob_chunk: cfg.model.logprob_chunk,
+            base_bytes: match cfg.lora.spec() {
+                Some(_) => cfg.model.base_dtype.bytes(),
+                None => F32,
+            },
         }
     }
 }
@@ -123,13 +131,18 @@ impl MemoryPlan {
                 knob,
             })
         };
+        // Elements of the frozen base, counted in f32 slots (bf16 storage: half as many).
+        let base_slots = base * p.base_bytes / F32;
         let trainable = match &p.lora {
             Some(spec) => {
                 let a = lora_params(c, spec);
                 let sets = if p.critic { 2 } else { 1 };
                 add(
-                    "base weights (frozen; shared by actor, critic, reference)".into(),
-                    base,
+                    format!(
+                        "base weights ({}; frozen; shared by actor, critic, reference)",
+                        if p.base_bytes == 2 { "bf16" } else { "f32" }
+                    ),
+                    base_slots,
                     "persistent",
                     "a smaller model",
                 );
@@ -207,11 +220,19 @@ impl MemoryPlan {
         let (mb, s) = (p.micro_batch as u64, pl + n);
         let t = mb * s;
         let models = if p.critic { 2 } else { 1 };
+        let i = c.intermediate_size as u64;
+        // A bf16 base also keeps each projection's bf16 input for the backward: q, k, v, o, gate
+        // and up read H-wide rows, down an I-wide one; in f32 slots, T·(6·H + I)/2.
+        let casts = if p.base_bytes < F32 {
+            (6 * h + i) / 2
+        } else {
+            0
+        };
         add(
             format!("update activations (micro-batch {mb} × {s} tokens, ≈)"),
             models
                 * c.num_hidden_layers as u64
-                * (t * (10 * h + 4 * c.intermediate_size as u64) + mb * heads * s * s * 3),
+                * (t * (10 * h + 4 * i + casts) + mb * heads * s * s * 3),
             "update",
             "ppo.micro_batch",
         );
@@ -244,7 +265,7 @@ impl MemoryPlan {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let mut s = format!(
             "{:<62} {:>10}  {:<10} {}\n",
-            "memory plan (f32)", "GiB", "phase", "to shrink"
+            "memory plan", "GiB", "phase", "to shrink"
         );
         for i in &self.items {
             s.push_str(&format!(

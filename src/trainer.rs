@@ -15,6 +15,7 @@ use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType};
 use qwen2_burn::{load_lora, load_qwen2, save_lora, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
@@ -22,7 +23,7 @@ use serde::Serialize;
 
 use crate::advantages::{self as adv, Estimator, Grid, KlEstimator};
 use crate::checkpoint::{self as ckpt, LoopState};
-use crate::config::TrainConfig;
+use crate::config::{BaseDtype, TrainConfig};
 use crate::critic::Critic;
 use crate::eval;
 use crate::experience::{grid_tensor, pad_rows, ragged, Batch, Experience};
@@ -166,7 +167,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             plan.check((gb * (1u64 << 30) as f64) as u64)
                 .map_err(|e| anyhow::anyhow!("{e} (model.memory_limit_gb = {gb})"))?;
         }
-        let (_, base) = load_qwen2::<B>(dir, &device)?;
+        let (_, mut base) = load_qwen2::<B>(dir, &device)?;
+        if cfg.model.base_dtype == BaseDtype::Bf16 {
+            if !B::supports_dtype(&device, DType::BF16) {
+                bail!(
+                    "model.base_dtype = \"bf16\": this backend has no bf16 tensors; build with \
+                     --features cuda (or wgpu, flex), or set model.base_dtype = \"f32\""
+                );
+            }
+            base = base.with_base_dtype(FloatDType::BF16);
+        }
         // With LoRA the base weights are frozen and shared (tensor clones share storage): the
         // reference is the base itself, actor and critic each add their own adapters.
         let lora = cfg.lora.spec();

@@ -1,11 +1,12 @@
-//! The memory plan against measured tensor sizes, its refusal, and `rollout.generate_batch`.
+//! The memory plan against measured tensor sizes, its refusal, `rollout.generate_batch`, and a
+//! bf16 frozen base (`model.base_dtype`, on the `flex` backend).
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use med_rlvr::config::TrainConfig;
 use med_rlvr::memory::{self, MemoryPlan, PlanInputs};
 use med_rlvr::trainer::Trainer;
@@ -143,4 +144,76 @@ fn generate_batch_does_not_change_the_samples() {
     assert_eq!((a.0, a.1, &a.2), (b.0, b.1, &b.2), "samples differ");
     // Log-probs (hence KL) differ only by float rounding of the different batch shapes.
     assert!((a.3 - b.3).abs() < 1e-5, "kl {} vs {}", a.3, b.3);
+}
+
+/// Bytes held by a module's float parameters.
+fn param_bytes<Bk: Backend, M: Module<Bk>>(m: &M) -> u64 {
+    struct S(u64);
+    impl<Bk: Backend> ModuleVisitor<Bk> for S {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            self.0 += p.val().into_data().bytes.len() as u64;
+        }
+    }
+    let mut s = S(0);
+    m.visit(&mut s);
+    s.0
+}
+
+#[test]
+fn a_bf16_base_trains_lora_and_is_planned_at_two_bytes() {
+    type F = Autodiff<Flex>;
+    let cfg = demo(&["lora.rank=4", "model.base_dtype=\"bf16\""]);
+    let mut t = Trainer::<F>::new(cfg.clone(), Default::default()).unwrap();
+    let reference = t.reference();
+    assert_eq!(reference.embed_tokens.val().dtype(), DType::BF16);
+    assert_eq!(
+        t.actor.layers[0].mlp.up_proj.weight.val().dtype(),
+        DType::BF16
+    );
+    // The plan's base item is the reference's measured bytes (norms, a few hundred floats, are
+    // f32: within 1 %).
+    let base = t
+        .plan
+        .items
+        .iter()
+        .find(|i| i.what.starts_with("base weights (bf16"))
+        .unwrap()
+        .bytes;
+    let measured = param_bytes(reference);
+    assert_eq!(base, 2 * t.model_config.num_parameters() as u64);
+    assert!(
+        measured >= base && (measured - base) * 100 < base,
+        "{measured} vs {base}"
+    );
+    let f32_plan = Trainer::<B>::new(demo(&["lora.rank=4"]), Default::default())
+        .unwrap()
+        .plan;
+    assert!(t.plan.persistent < f32_plan.persistent);
+    // Two PPO steps: the rollout and reference agree at the start (same bf16 base, adapters
+    // B = 0), the adapters train, every number is finite.
+    let before = param_bytes(&t.actor);
+    let m: Vec<_> = (0..2).map(|_| t.step().unwrap().0).collect();
+    eprintln!(
+        "bf16 base: kl {:e} then {:e}, grad norm {} {}",
+        m[0].kl, m[1].kl, m[0].grad_norm, m[1].grad_norm
+    );
+    assert!(m[0].kl.abs() < 1e-3, "step-0 KL {}", m[0].kl);
+    assert!(m.iter().all(|s| s.skipped.is_none() && s.grad_norm > 0.0));
+    assert!(m
+        .iter()
+        .all(|s| s.policy_loss.is_finite() && s.value_loss.is_finite()));
+    assert_eq!(
+        param_bytes(&t.actor),
+        before,
+        "the base stays bf16 after updates"
+    );
+    assert_eq!(t.reference().embed_tokens.val().dtype(), DType::BF16);
+
+    // Refusals: no bf16 on ndarray; bf16 without LoRA.
+    let err = Trainer::<B>::new(cfg, Default::default()).err().unwrap();
+    assert!(format!("{err:#}").contains("model.base_dtype"), "{err:#}");
+    let err = TrainConfig::load(None, &["model.base_dtype=\"bf16\"".to_string()])
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("lora.rank"), "{err:#}");
 }

@@ -10,11 +10,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::linear::Linear;
+use crate::linear::{to_dtype, Linear};
 use crate::model::Qwen2;
 
 /// The seven projection layers of a Qwen2 block, by their Hugging Face names.
@@ -146,6 +146,33 @@ impl<B: Backend> Qwen2<B> {
         model
     }
 
+    /// Freezes the model and stores its large frozen weights — the embedding, every projection
+    /// and its bias, the output head — in `dtype` (bf16 halves the base's memory); the norms
+    /// stay in their dtype, and so do the activations: each projection multiplies in `dtype`
+    /// and returns to the activation dtype (see [`crate::linear::mixed_matmul`]). Adapters added
+    /// afterwards by [`Qwen2::with_lora`] are f32.
+    pub fn with_base_dtype(self, dtype: FloatDType) -> Self {
+        fn cast<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, dtype: FloatDType) {
+            let t = p.val();
+            if t.dtype() != DType::from(dtype) {
+                *p = Param::initialized(p.id, t.cast(dtype));
+            }
+        }
+        let mut model = self.no_grad();
+        cast(&mut model.embed_tokens, dtype);
+        let mut head = model.lm_head.take();
+        let mut lins = targets_mut(&mut model, &ALL_TARGETS.map(String::from));
+        lins.extend(head.as_mut().map(|h| ("lm_head".to_string(), h)));
+        for (_, lin) in lins {
+            cast(&mut lin.weight, dtype);
+            if let Some(b) = &mut lin.bias {
+                cast(b, dtype);
+            }
+        }
+        model.lm_head = head;
+        model
+    }
+
     /// Whether any layer carries an adapter.
     pub fn has_lora(&self) -> bool {
         let mut m = self.clone();
@@ -166,7 +193,9 @@ impl<B: Backend> Qwen2<B> {
     pub fn merge_lora(mut self) -> Self {
         for (_, lin) in targets_mut(&mut self, &ALL_TARGETS.map(String::from)) {
             if let Some(l) = lin.lora.take() {
-                let w = lin.weight.val() + l.a.val().matmul(l.b.val()).mul_scalar(l.scale);
+                let delta = l.a.val().matmul(l.b.val()).mul_scalar(l.scale);
+                // In the adapters' dtype (f32), also over a bf16 base.
+                let w = to_dtype(lin.weight.val(), delta.dtype()) + delta;
                 lin.weight = Param::initialized(lin.weight.id, w);
             }
         }

@@ -10,7 +10,7 @@ use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
 use crate::config::Qwen2Config;
-use crate::linear::Linear;
+use crate::linear::{to_dtype, Linear};
 use crate::rope::{apply_rope, rope_tables};
 
 /// Value written into masked attention scores (finite, so a fully masked padding row gives a
@@ -281,11 +281,13 @@ impl<B: Backend> Qwen2<B> {
         let mask = attention_mask(key_valid, past, t, rep, &device);
         let rope = rope_tables(positions, self.head_dim, self.rope_theta);
         let hidden = self.embed_tokens.dims()[1];
+        // Activations are in the norms' dtype (f32), whatever the embedding is stored in.
         let mut x = self
             .embed_tokens
             .val()
             .select(0, tokens.reshape([b * t]))
             .reshape([b, t, hidden]);
+        x = to_dtype(x, self.norm.gamma.dtype());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(x, &rope, &mask, layer_cache);
@@ -306,9 +308,9 @@ impl<B: Backend> Qwen2<B> {
                 let [b, t, h] = hidden.dims();
                 let w = self.embed_tokens.val();
                 let v = w.dims()[0];
-                w.matmul(hidden.reshape([b * t, h]).transpose())
-                    .transpose()
-                    .reshape([b, t, v])
+                let dtype = hidden.dtype();
+                let ht = to_dtype(hidden.reshape([b * t, h]).transpose(), w.dtype());
+                to_dtype(w.matmul(ht), dtype).transpose().reshape([b, t, v])
             }
         }
     }
