@@ -60,6 +60,9 @@ pub struct StepMetrics {
     pub critic_lr: f64,
     pub tokens_per_s: f64,
     pub seconds: f64,
+    /// Wall-clock seconds of the step's phases: `generate`, `reward`, `reference_values`
+    /// (reference log-probs and critic values), `advantages`, `update`.
+    pub phase_seconds: std::collections::BTreeMap<String, f64>,
     pub stages: std::collections::BTreeMap<String, usize>,
     /// Greedy held-out accuracy / format rate, on evaluation steps.
     pub eval_accuracy: Option<f64>,
@@ -341,6 +344,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             );
         }
         let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
+        // Phase ends, for `phase_seconds`.
+        let mut marks = vec![("generate", Instant::now())];
 
         // Rewards.
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(samples.len());
@@ -377,6 +382,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             })
             .collect();
 
+        marks.push(("reward", Instant::now()));
         // Reference log-probs and critic values, micro-batch by micro-batch (no gradients).
         let inner_critic = self.critic.as_ref().map(|c| c.valid());
         for group in (0..exps.len())
@@ -401,6 +407,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
 
+        marks.push(("reference_values", Instant::now()));
         // KL-shaped rewards and advantages over the whole rollout batch.
         let r = exps
             .iter()
@@ -498,6 +505,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if world.any::<B::InnerBackend>(fault.is_some(), &dev)? && fault.is_none() {
             fault = Some("non-finite rollout numbers on another device".into());
         }
+        marks.push(("advantages", Instant::now()));
         let inject_nan = self.inject_nan_steps.contains(&self.step);
         let train_actor = self.step >= cfg.ppo.critic_warmup;
         let mut rng =
@@ -680,6 +688,16 @@ impl<B: AutodiffBackend> Trainer<B> {
                 n_opt += 1;
             }
         }
+        marks.push(("update", Instant::now()));
+        let mut last = t0;
+        let phase_seconds = marks
+            .into_iter()
+            .map(|(name, at)| {
+                let d = at.duration_since(last).as_secs_f64();
+                last = at;
+                (name.to_string(), d)
+            })
+            .collect();
         if fault.is_none() {
             self.update_kl_coef(kl_mean, lens.len());
             self.bad_streak = 0;
@@ -740,6 +758,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             critic_lr,
             tokens_per_s: t[4] / seconds,
             seconds,
+            phase_seconds,
             stages: stages.collect(),
             eval_accuracy: None,
             eval_format_rate: None,

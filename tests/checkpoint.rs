@@ -39,6 +39,7 @@ fn fingerprint(m: &StepMetrics) -> String {
     let o = v.as_object_mut().unwrap();
     o.remove("seconds");
     o.remove("tokens_per_s");
+    o.remove("phase_seconds");
     for x in o.values_mut() {
         if let Some(f) = x.as_f64() {
             *x = serde_json::json!(format!("{:016x}", f.to_bits()));
