@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, DeviceOps};
 use burn::tensor::{DType, FloatDType};
 use qwen2_burn::{load_lora, load_qwen2, save_lora, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
 use rand::seq::SliceRandom;
@@ -1032,6 +1032,13 @@ pub fn run<B: AutodiffBackend>(
     check_shardable(&cfg, size)?;
     if size == 1 {
         return drive(Trainer::<B>::new(cfg, device)?, out, opts);
+    }
+    // GPUs must exist; the CPU backends have one device, which the replicas share.
+    if nth_device(&device, 1) != device {
+        let found = B::device_count(device.id().type_id);
+        if size > found {
+            bail!("--devices {size}: only {found} device(s) of this backend's kind were found");
+        }
     }
     let mut workers = Vec::with_capacity(size - 1);
     for rank in 1..size {
