@@ -93,8 +93,17 @@ pub fn returns_to_go(rewards: &Grid, mask: &Grid, gamma: f64) -> Grid {
         .collect()
 }
 
-/// Mean and population variance over the valid tokens of the whole batch.
+/// Mean and population variance over the valid tokens of the whole batch: the mean from
+/// [`masked_sum`], then the variance from [`masked_squared_deviation`] (two passes; the
+/// data-parallel trainer all-reduces each sum between the passes).
 pub fn masked_moments(x: &Grid, mask: &Grid) -> (f64, f64) {
+    let (s, n) = masked_sum(x, mask);
+    let mean = s / n.max(1.0);
+    (mean, masked_squared_deviation(x, mask, mean) / n.max(1.0))
+}
+
+/// `(Σ m·x, Σ m)` over the batch.
+pub fn masked_sum(x: &Grid, mask: &Grid) -> (f64, f64) {
     let (mut s, mut n) = (0.0, 0.0);
     for (row, m) in x.iter().zip(mask) {
         for (a, b) in row.iter().zip(m) {
@@ -102,14 +111,18 @@ pub fn masked_moments(x: &Grid, mask: &Grid) -> (f64, f64) {
             n += b;
         }
     }
-    let mean = s / n.max(1.0);
+    (s, n)
+}
+
+/// `Σ m·(x − mean)²` over the batch.
+pub fn masked_squared_deviation(x: &Grid, mask: &Grid, mean: f64) -> f64 {
     let mut v = 0.0;
     for (row, m) in x.iter().zip(mask) {
         for (a, b) in row.iter().zip(m) {
             v += (a - mean).powi(2) * b;
         }
     }
-    (mean, v / n.max(1.0))
+    v
 }
 
 /// Whitening: `(A − mean) / √max(var, 1e-8)`, mean and population variance over the valid tokens
@@ -221,13 +234,6 @@ pub fn critic_free_returns(
     returns_to_go(&rewards, mask, gamma)
 }
 
-/// Fraction of the return variance the critic explains: `1 − Var(G − V)/Var(G)` over valid tokens.
-pub fn explained_variance(values: &Grid, returns: &Grid, mask: &Grid) -> f64 {
-    let (_, var_g) = masked_moments(returns, mask);
-    let (_, var_d) = masked_moments(&residuals(values, returns), mask);
-    explained_variance_from(var_g, var_d)
-}
-
 /// `G − V`, element-wise.
 pub fn residuals(values: &Grid, returns: &Grid) -> Grid {
     returns
@@ -237,8 +243,9 @@ pub fn residuals(values: &Grid, returns: &Grid) -> Grid {
         .collect()
 }
 
-/// `1 − Var[G − V] / Var[G]` from the two variances (0 when `Var[G]` is 0).
-pub fn explained_variance_from(var_returns: f64, var_residuals: f64) -> f64 {
+/// Fraction of the return variance the critic explains, `1 − Var[G − V] / Var[G]` over valid
+/// tokens, from the two variances (0 when `Var[G]` is 0).
+pub fn explained_variance(var_returns: f64, var_residuals: f64) -> f64 {
     if var_returns <= 0.0 {
         0.0
     } else {

@@ -117,11 +117,10 @@ impl World {
         if self.size == 1 {
             return Ok(adv::masked_moments(x, mask));
         }
-        let cells = || x.iter().zip(mask).flat_map(|(r, m)| r.iter().zip(m));
-        let (s, n) = cells().fold((0.0, 0.0), |(s, n), (a, b)| (s + a * b, n + b));
+        let (s, n) = adv::masked_sum(x, mask);
         let sn = self.sum::<B>(&[s, n], device)?;
         let (n, mean) = (sn[1].max(1.0), sn[0] / sn[1].max(1.0));
-        let v: f64 = cells().map(|(a, b)| (a - mean).powi(2) * b).sum();
+        let v = adv::masked_squared_deviation(x, mask, mean);
         Ok((mean, self.sum::<B>(&[v], device)?[0] / n))
     }
 

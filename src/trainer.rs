@@ -466,7 +466,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let (a, g) = adv::gae(&rewards, &values, &mask, cfg.ppo.gamma, cfg.ppo.lambda);
             let (_, var_g) = moments(&g)?;
             let (_, var_d) = moments(&adv::residuals(&values, &g))?;
-            let ev = adv::explained_variance_from(var_g, var_d);
+            let ev = adv::explained_variance(var_g, var_d);
             let (mean, var) = moments(&a)?;
             (adv::whiten_with(&a, mean, var), g, ev)
         } else {
