@@ -646,6 +646,7 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
         n: a.n,
         seed: a.seed,
         compact: true,
+        max_rows: a.batch_size.max(1) * a.n.max(1),
     };
     let encoded = texts
         .iter()
@@ -656,32 +657,23 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    for (chunk_index, chunk) in encoded.chunks(a.batch_size.max(1)).enumerate() {
-        let base = chunk_index * a.batch_size.max(1);
-        for s in sampler::generate_from(&model, &config, chunk, base, &params, &tok, device) {
-            let prompt_ids = &chunk[s.prompt_index];
-            let text = tok.decode(&s.output_ids);
-            if a.json {
-                let line = json!({
-                    "prompt_index": base + s.prompt_index,
-                    "sample_index": s.sample_index,
-                    "prompt_ids": prompt_ids,
-                    "output_ids": s.output_ids,
-                    "text": text,
-                    "logprobs": s.logprobs,
-                    "sampling_logprobs": s.sampling_logprobs,
-                    "finish_reason": s.finish_reason,
-                });
-                writeln!(out, "{line}")?;
-            } else {
-                writeln!(
-                    out,
-                    "[{} #{}] {}",
-                    base + s.prompt_index,
-                    s.sample_index,
-                    text
-                )?;
-            }
+    for s in sampler::generate(&model, &config, &encoded, &params, &tok, device) {
+        let prompt_ids = &encoded[s.prompt_index];
+        let text = tok.decode(&s.output_ids);
+        if a.json {
+            let line = json!({
+                "prompt_index": s.prompt_index,
+                "sample_index": s.sample_index,
+                "prompt_ids": prompt_ids,
+                "output_ids": s.output_ids,
+                "text": text,
+                "logprobs": s.logprobs,
+                "sampling_logprobs": s.sampling_logprobs,
+                "finish_reason": s.finish_reason,
+            });
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "[{} #{}] {}", s.prompt_index, s.sample_index, text)?;
         }
     }
     Ok(())

@@ -137,6 +137,10 @@ pub struct PpoConfig {
     pub train_batch: usize,
     /// Samples per forward/backward (gradient accumulation inside a train batch).
     pub micro_batch: usize,
+    /// Padded tokens per no-grad forward (reference log-probs, critic values): sequences are
+    /// grouped by length into batches of `rows × width ≤ forward_tokens`, independent of
+    /// `micro_batch`. Memory only; no effect on the numbers.
+    pub forward_tokens: usize,
     pub eps_low: f64,
     pub eps_high: f64,
     /// Value clip `c` (none: unclipped value loss).
@@ -238,6 +242,7 @@ impl Default for PpoConfig {
             ppo_epochs: 1,
             train_batch: 128,
             micro_batch: 8,
+            forward_tokens: 8192,
             eps_low: 0.2,
             eps_high: 0.2,
             value_clip: Some(0.2),
@@ -346,9 +351,12 @@ impl TrainConfig {
         if self.rollout.prompts_per_step == 0 || self.rollout.n == 0 {
             return Err("rollout.prompts_per_step and rollout.n must be positive".into());
         }
-        if p.train_batch == 0 || p.micro_batch == 0 || p.ppo_epochs == 0 {
+        if p.train_batch == 0 || p.micro_batch == 0 || p.ppo_epochs == 0 || p.forward_tokens == 0
+        {
             return Err(
-                "ppo.train_batch, ppo.micro_batch and ppo.ppo_epochs must be positive".into(),
+                "ppo.train_batch, ppo.micro_batch, ppo.forward_tokens and ppo.ppo_epochs must be \
+                 positive"
+                    .into(),
             );
         }
         if !(self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0) {

@@ -30,7 +30,7 @@ pub struct ScoreSettings {
     pub style: PromptStyle,
     pub sampling: SamplingParams,
     pub verifier: VerifierConfig,
-    /// Prompts per sampler batch.
+    /// Prompts whose rows decode at once (continuous batching over all items).
     pub batch: usize,
 }
 
@@ -51,22 +51,19 @@ pub fn generate_and_score<B: Backend>(
         settings.batch,
     );
     let mut out = Vec::with_capacity(items.len() * params.n);
-    for (c, chunk) in items.chunks(batch.max(1)).enumerate() {
-        let prompts = chunk
-            .iter()
-            .map(|it| tok.encode(&prompt::render(it, style)))
-            .collect::<Result<Vec<_>>>()?;
-        let samples = sampler::generate_from(
-            model,
-            config,
-            &prompts,
-            c * batch.max(1),
-            params,
-            tok,
-            device,
-        );
+    let prompts = items
+        .iter()
+        .map(|it| tok.encode(&prompt::render(it, style)))
+        .collect::<Result<Vec<_>>>()?;
+    // Continuous batching over all items: `batch` prompts' rows decode at once.
+    let params = SamplingParams {
+        max_rows: batch.max(1) * params.n.max(1),
+        ..params.clone()
+    };
+    let samples = sampler::generate(model, config, &prompts, &params, tok, device);
+    {
         for s in samples {
-            let item = &chunk[s.prompt_index];
+            let item = &items[s.prompt_index];
             let response = tok.decode(&s.output_ids);
             let verdict = match style {
                 PromptStyle::R1 => verifier::verify(

@@ -165,3 +165,28 @@ pub fn ragged<B: Backend>(t: Tensor<B, 2>, lens: &[usize]) -> Vec<Vec<f64>> {
         .map(|(i, &n)| flat[i * r..i * r + n].to_vec())
         .collect()
 }
+
+/// Groups sequences with `(prompt, response)` lengths `lens` into no-grad forward batches of at
+/// most `budget` padded tokens each, `rows × (max prompt + max response) ≤ budget` (a sequence
+/// longer than the budget goes alone). Sequences are taken longest first, so each batch holds
+/// similar lengths and little padding. Returns indices into `lens`; every index appears once.
+pub fn token_budget_groups(lens: &[(usize, usize)], budget: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lens[i].0 + lens[i].1), i));
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let (mut p, mut r) = (0, 0);
+    for i in order {
+        let (pi, ri) = lens[i];
+        let fits = groups.last().is_some_and(|g| {
+            (g.len() + 1) * (p.max(pi) + r.max(ri)) <= budget
+        });
+        if fits {
+            groups.last_mut().expect("a group").push(i);
+            (p, r) = (p.max(pi), r.max(ri));
+        } else {
+            groups.push(vec![i]);
+            (p, r) = (pi, ri);
+        }
+    }
+    groups
+}

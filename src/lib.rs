@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod next_token;
 pub mod sampler;
 pub mod tokenizer;
 

@@ -1,16 +1,21 @@
 //! The batched, KV-cached sampler; it is also the rollout engine. Prompts of different lengths are
 //! left-padded into one batch (validity mask + per-row positions), decoded one token per step
 //! through the model crate's cache, and each row stops on a stop token, a stop string or
-//! `max_new_tokens`. Finished rows are dropped from the batch (cache compaction) so they stop
-//! costing compute.
+//! `max_new_tokens`. With continuous batching a finished row's slot is refilled with the next
+//! waiting prompt; once none waits, finished rows are dropped from the batch (cache compaction) so
+//! they stop costing compute. The next token is chosen on the device ([`crate::next_token`]).
 //!
 //! Every sampled token comes with `log π(token)` under the model at temperature 1 — the number PPO
 //! needs as `log π_old` — and its log-probability under the (tempered, truncated) sampling
 //! distribution.
 
+use std::collections::VecDeque;
+
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use qwen2_burn::{KvCache, Qwen2, Qwen2Config};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::next_token;
 use serde::{Deserialize, Serialize};
 
 /// How to sample.
@@ -30,10 +35,14 @@ pub struct SamplingParams {
     /// Samples per prompt.
     pub n: usize,
     pub seed: u64,
-    /// What finished rows cost: `true` (default) drops them from the batch and the KV cache;
-    /// `false` keeps them in the batch, masked (fed a padding token marked invalid, no host work).
+    /// What finished rows cost once no prompt waits for their slot: `true` (default) drops them
+    /// from the batch and the KV cache; `false` keeps them in the batch, masked (no host work).
     /// Samples are the same either way; `bench --rollout --mask` compares the speed.
     pub compact: bool,
+    /// Rows (prompt × sample) decoded together; 0 = all. A finished row's slot goes to the next
+    /// waiting row (continuous batching). Samples do not depend on it.
+    #[serde(default)]
+    pub max_rows: usize,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +57,7 @@ impl Default for SamplingParams {
             n: 1,
             seed: 0,
             compact: true,
+            max_rows: 0,
         }
     }
 }
@@ -96,91 +106,6 @@ impl Detokenize for NoDetokenizer {
     }
 }
 
-/// `log softmax(z)`, in f64 accumulation.
-pub fn log_softmax(z: &[f32]) -> Vec<f32> {
-    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = m as f64 + z.iter().map(|&x| ((x - m) as f64).exp()).sum::<f64>().ln();
-    z.iter().map(|&x| (x as f64 - lse) as f32).collect()
-}
-
-/// The sampling distribution over token ids, as `(id, probability)` pairs summing to 1:
-/// `q ∝ softmax(z / T)` restricted to the `top_k` largest and then to the smallest prefix (by
-/// descending probability) whose mass reaches `top_p` (a token is kept while the mass of the
-/// tokens before it is `< top_p`), renormalised. `T = 0` is greedy: all mass on the argmax.
-pub fn sampling_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
-    if params.temperature <= 0.0 {
-        let best = argmax(logits);
-        return vec![(best as u32, 1.0)];
-    }
-    let t = params.temperature as f64;
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &z)| (i as u32, ((z as f64 - m) / t).exp()))
-        .collect();
-    let truncate = params.top_k > 0 && params.top_k < probs.len() || params.top_p < 1.0;
-    if truncate {
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if params.top_k > 0 {
-            probs.truncate(params.top_k);
-        }
-        if params.top_p < 1.0 {
-            let total: f64 = probs.iter().map(|p| p.1).sum();
-            let mut mass = 0.0;
-            let mut keep = 0;
-            for p in &probs {
-                if mass >= params.top_p as f64 * total {
-                    break;
-                }
-                mass += p.1;
-                keep += 1;
-            }
-            probs.truncate(keep.max(1));
-        }
-    }
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    probs.iter_mut().for_each(|p| p.1 /= total);
-    probs
-}
-
-/// Draws one id from `(id, probability)` pairs by inverse CDF.
-pub fn draw(dist: &[(u32, f64)], rng: &mut StdRng) -> (u32, f64) {
-    let u: f64 = rng.random::<f64>();
-    let mut acc = 0.0;
-    for &(id, p) in dist {
-        acc += p;
-        if u < acc {
-            return (id, p);
-        }
-    }
-    *dist.last().expect("non-empty distribution")
-}
-
-/// Draws an index from a full probability vector by inverse CDF.
-fn draw_index(probs: &[f64], rng: &mut StdRng) -> (u32, f64) {
-    let u: f64 = rng.random::<f64>();
-    let mut acc = 0.0;
-    for (i, &p) in probs.iter().enumerate() {
-        acc += p;
-        if u < acc {
-            return (i as u32, p);
-        }
-    }
-    let last = probs.len() - 1;
-    (last as u32, probs[last])
-}
-
-fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, v) in x.iter().enumerate() {
-        if *v > x[best] {
-            best = i;
-        }
-    }
-    best
-}
-
 /// The RNG of one (prompt, sample) pair: independent of batch composition, so a sample does not
 /// change when other prompts join or leave the batch.
 fn row_rng(seed: u64, prompt: usize, sample: usize) -> StdRng {
@@ -191,13 +116,41 @@ fn row_rng(seed: u64, prompt: usize, sample: usize) -> StdRng {
     StdRng::seed_from_u64(mix)
 }
 
-struct Row {
+
+/// One (prompt, sample) row: its prompt, RNG and output so far.
+struct Row<'a> {
+    prompt: &'a [u32],
     rng: StdRng,
+    /// Position id of the next token fed.
     next_position: i64,
+    /// The first cache column holding one of its tokens.
+    start: usize,
     out: Sample,
 }
 
-/// Generates `params.n` continuations for each prompt, batched. Samples are returned ordered by
+/// What a sampler call cost: passes and the bytes read back from the device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RolloutStats {
+    /// Decode passes (one token for every row of the batch).
+    pub decode_steps: usize,
+    /// Prefill passes: the first batch, then one per refill of freed rows.
+    pub prefills: usize,
+    /// Rows of the widest decode step.
+    pub max_rows: usize,
+    /// Token choices made (rows that chose, summed over steps).
+    pub row_steps: usize,
+    /// Bytes read back from the device by the token choices (ids, log-probs, entropies).
+    pub bytes_read: usize,
+}
+
+impl RolloutStats {
+    /// Bytes read back per token choice: a constant (a dozen or two), whatever the vocabulary.
+    pub fn bytes_per_row_step(&self) -> f64 {
+        self.bytes_read as f64 / self.row_steps.max(1) as f64
+    }
+}
+
+/// Generates `params.n` continuations for each prompt. Samples are returned ordered by
 /// (prompt, sample).
 pub fn generate<B: Backend>(
     model: &Qwen2<B>,
@@ -207,7 +160,7 @@ pub fn generate<B: Backend>(
     detok: &dyn Detokenize,
     device: &B::Device,
 ) -> Vec<Sample> {
-    generate_from(model, config, prompts, 0, params, detok, device)
+    rollout(model, config, prompts, 0, params, detok, device).0
 }
 
 /// [`generate`] for a slice of a larger prompt list starting at `first_index`: prompt `i` of the
@@ -222,14 +175,33 @@ pub fn generate_from<B: Backend>(
     detok: &dyn Detokenize,
     device: &B::Device,
 ) -> Vec<Sample> {
-    let mut rows: Vec<Row> = Vec::new();
-    let mut row_prompts = Vec::new();
+    rollout(model, config, prompts, first_index, params, detok, device).0
+}
+
+/// The sampler with continuous batching: at most `params.max_rows` rows (0 = all) decode
+/// together; when a row finishes, the next waiting (prompt, sample) is prefilled into its cache
+/// row and decodes from the next step on. Once nothing waits, finished rows are dropped from the
+/// batch (`params.compact`) or kept in it, masked. Each decode step reads back O(rows) bytes
+/// (see [`next_token::choose`](crate::next_token::choose)); the returned stats count them.
+pub fn rollout<B: Backend>(
+    model: &Qwen2<B>,
+    config: &Qwen2Config,
+    prompts: &[Vec<u32>],
+    first_index: usize,
+    params: &SamplingParams,
+    detok: &dyn Detokenize,
+    device: &B::Device,
+) -> (Vec<Sample>, RolloutStats) {
+    let mut stats = RolloutStats::default();
+    let mut queue: VecDeque<Row> = VecDeque::new();
     for (p, prompt) in prompts.iter().enumerate() {
         assert!(!prompt.is_empty(), "prompt {p} is empty");
         for s in 0..params.n.max(1) {
-            rows.push(Row {
+            queue.push_back(Row {
+                prompt,
                 rng: row_rng(params.seed, first_index + p, s),
                 next_position: prompt.len() as i64,
+                start: 0,
                 out: Sample {
                     prompt_index: p,
                     sample_index: s,
@@ -240,36 +212,36 @@ pub fn generate_from<B: Backend>(
                     finish_reason: FinishReason::Length,
                 },
             });
-            row_prompts.push(prompt.as_slice());
         }
     }
-    if rows.is_empty() || params.max_new_tokens == 0 {
-        return rows.into_iter().map(|r| r.out).collect();
+    let total = queue.len();
+    if total == 0 || params.max_new_tokens == 0 {
+        return (queue.into_iter().map(|r| r.out).collect(), stats);
     }
-    let width = row_prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let b = rows.len();
-    let mut tokens = Vec::with_capacity(b * width);
-    let mut positions = Vec::with_capacity(b * width);
-    let mut valid = Vec::with_capacity(b * width);
-    for p in &row_prompts {
-        let pad = width - p.len();
-        tokens.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().map(|&t| t as i64)));
-        positions.extend(std::iter::repeat_n(1i64, pad).chain(0..p.len() as i64));
-        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
-    }
-    let mut cache = KvCache::<B>::new(config, b, width + params.max_new_tokens, device);
-    let hidden = model.hidden(
-        Tensor::from_data(TensorData::new(tokens, [b, width]), device),
-        Tensor::from_data(TensorData::new(positions, [b, width]), device),
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [b, width]), device),
-        Some(&mut cache),
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(1);
+    let rows = match params.max_rows {
+        0 => total,
+        m => m.min(total),
+    };
+    let mut cache = KvCache::<B>::new(
+        config,
+        rows,
+        cache_columns(width, params.max_new_tokens, rows < total),
+        device,
     );
-    let h = hidden.dims()[2];
-    let mut last = hidden.slice([0..b, width - 1..width, 0..h]);
-    let mut active: Vec<Row> = rows;
-    let mut done: Vec<Sample> = Vec::new();
-    // Mask mode: finished rows stay in the batch; `finished[i]` marks them.
-    let mut finished = vec![false; active.len()];
+    // The first batch is padded to the widest prompt of the whole call, so every later prompt
+    // fits before the shared write position (which never falls below `width`).
+    let first: Vec<Row> = queue.drain(..rows).collect();
+    let mut last = prefill(model, &first, width, &mut cache, device);
+    stats.prefills += 1;
+    let mut slots: Vec<Option<Row>> = first
+        .into_iter()
+        .map(|mut r| {
+            r.start = width - r.prompt.len();
+            Some(r)
+        })
+        .collect();
+    let mut done: Vec<Sample> = Vec::with_capacity(total);
     let max_stop = params
         .stop_strings
         .iter()
@@ -277,118 +249,155 @@ pub fn generate_from<B: Backend>(
         .max()
         .unwrap_or(0);
     loop {
-        let logits = model.logits(last).into_data().convert::<f32>();
-        let logits = logits.as_slice::<f32>().expect("f32 logits");
-        let vocab = logits.len() / active.len();
-        let mut next = Vec::with_capacity(active.len());
-        let mut keep = Vec::with_capacity(active.len());
-        for (i, row) in active.iter_mut().enumerate() {
-            if finished[i] {
-                continue;
-            }
-            let z = &logits[i * vocab..(i + 1) * vocab];
-            let lsm = log_softmax(z);
-            // One pass of exp serves the entropy and, for plain temperature-1 sampling, the draw.
-            let probs: Vec<f64> = lsm.iter().map(|&l| (l as f64).exp()).collect();
-            let entropy = -probs
-                .iter()
-                .zip(&lsm)
-                .map(|(p, &l)| p * l as f64)
-                .sum::<f64>();
-            let plain = params.temperature == 1.0
-                && (params.top_k == 0 || params.top_k >= probs.len())
-                && params.top_p >= 1.0;
-            let (tok, q) = if params.temperature <= 0.0 {
-                (argmax(z) as u32, 1.0)
-            } else if plain {
-                draw_index(&probs, &mut row.rng)
-            } else {
-                let dist = sampling_distribution(z, params);
-                draw(&dist, &mut row.rng)
-            };
+        // Choose every row's next token on the device.
+        let b = slots.len();
+        let [_, _, h] = last.dims();
+        let logits = model.logits(last);
+        let vocab = logits.dims()[2];
+        let uniforms: Vec<f32> = slots
+            .iter_mut()
+            .map(|s| match s {
+                Some(r) if params.temperature > 0.0 => r.rng.random::<f32>(),
+                _ => 0.0,
+            })
+            .collect();
+        let chosen = next_token::choose(logits.reshape([b, vocab]), params, &uniforms);
+        stats.bytes_read += chosen.bytes_read;
+        stats.max_rows = stats.max_rows.max(b);
+        // Record them; end the rows that stop.
+        let mut feed = vec![0i64; b];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(row) = slot else { continue };
+            stats.row_steps += 1;
+            let tok = chosen.ids[i];
             row.out.output_ids.push(tok);
-            row.out.logprobs.push(lsm[tok as usize]);
-            row.out.entropies.push(entropy as f32);
-            row.out.sampling_logprobs.push(q.ln() as f32);
-            let n_out = row.out.output_ids.len();
-            let finish = if params.stop_token_ids.contains(&tok) {
-                Some(FinishReason::StopToken)
-            } else if max_stop > 0 && {
-                // A stop string completed by this token lies within the last `max_stop` tokens.
-                let from = n_out.saturating_sub(max_stop + 1);
-                let tail = detok.detokenize(&row.out.output_ids[from..]);
-                params
-                    .stop_strings
-                    .iter()
-                    .any(|s| tail.contains(s.as_str()))
-            } {
-                Some(FinishReason::StopString)
-            } else if n_out >= params.max_new_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            match finish {
+            row.out.logprobs.push(chosen.logprobs[i]);
+            row.out.sampling_logprobs.push(chosen.sampling_logprobs[i]);
+            row.out.entropies.push(chosen.entropies[i]);
+            match finish_reason(&row.out.output_ids, params, max_stop, detok) {
                 Some(reason) => {
                     row.out.finish_reason = reason;
-                    finished[i] = true;
+                    done.push(slot.take().expect("occupied").out);
                 }
-                None => {
-                    keep.push(i);
-                    next.push(tok as i64);
-                }
+                None => feed[i] = tok as i64,
             }
         }
-        if !params.compact {
-            if keep.is_empty() {
-                done.extend(active.into_iter().map(|r| r.out));
-                break;
-            }
-            // Every row takes a decode step; finished ones get a padding token marked invalid.
-            let b = active.len();
-            let mut toks = vec![0i64; b];
-            for (k, &i) in keep.iter().enumerate() {
-                toks[i] = next[k];
-            }
-            let valid: Vec<bool> = finished.iter().map(|f| !f).collect();
-            let pos: Vec<i64> = active.iter().map(|r| r.next_position).collect();
-            active.iter_mut().for_each(|r| r.next_position += 1);
-            last = model.hidden(
-                Tensor::<B, 2, Int>::from_data(TensorData::new(toks, [b, 1]), device),
-                Tensor::<B, 2, Int>::from_data(TensorData::new(pos, [b, 1]), device),
-                Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [b, 1]), device),
-                Some(&mut cache),
-            );
-            continue;
-        }
-        if keep.len() < active.len() {
-            if !keep.is_empty() && keep.len() < active.len() {
-                cache.retain_rows(&keep);
-            }
-            let mut kept = Vec::with_capacity(keep.len());
-            for (i, row) in active.into_iter().enumerate() {
-                if keep.binary_search(&i).is_ok() {
-                    kept.push(row);
-                } else {
-                    done.push(row.out);
-                }
-            }
-            active = kept;
-            finished = vec![false; active.len()];
-        }
-        if active.is_empty() {
+        if slots.iter().all(Option::is_none) && queue.is_empty() {
             break;
         }
-        let b = active.len();
-        let pos: Vec<i64> = active.iter().map(|r| r.next_position).collect();
-        active.iter_mut().for_each(|r| r.next_position += 1);
+        if queue.is_empty() && params.compact && slots.iter().any(Option::is_none) {
+            let keep: Vec<usize> = (0..b).filter(|&i| slots[i].is_some()).collect();
+            cache.retain_rows(&keep);
+            feed = keep.iter().map(|&i| feed[i]).collect();
+            slots.retain(Option::is_some);
+        }
+        // Room for one more column: drop the columns no row reads any more.
+        if cache.len() == cache.capacity() {
+            let keep = slots
+                .iter()
+                .flatten()
+                .map(|r| cache.len() - r.start)
+                .chain(queue.iter().map(|r| r.prompt.len()))
+                .max()
+                .unwrap_or(0);
+            let dropped = cache.len() - keep;
+            cache.keep_last(keep);
+            slots.iter_mut().flatten().for_each(|r| r.start -= dropped);
+        }
+        // One decode step. A free row is fed token 0 marked valid: junk that no one reads (its
+        // columns are invalidated when a new row moves in), but never a row without keys.
+        let b = slots.len();
+        let pos: Vec<i64> = slots
+            .iter_mut()
+            .map(|s| {
+                s.as_mut().map_or(0, |r| {
+                    r.next_position += 1;
+                    r.next_position - 1
+                })
+            })
+            .collect();
         last = model.hidden(
-            Tensor::<B, 2, Int>::from_data(TensorData::new(next, [b, 1]), device),
+            Tensor::<B, 2, Int>::from_data(TensorData::new(feed, [b, 1]), device),
             Tensor::<B, 2, Int>::from_data(TensorData::new(pos, [b, 1]), device),
             Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![true; b], [b, 1]), device),
             Some(&mut cache),
         );
+        stats.decode_steps += 1;
+        // Waiting rows take the free slots: prefilled on their own, moved into the cache rows.
+        let free: Vec<usize> = (0..b).filter(|&i| slots[i].is_none()).collect();
+        if !free.is_empty() && !queue.is_empty() {
+            let joiners: Vec<Row> = queue.drain(..free.len().min(queue.len())).collect();
+            let w = joiners.iter().map(|r| r.prompt.len()).max().unwrap_or(1);
+            let mut fresh = KvCache::<B>::new(config, joiners.len(), w, device);
+            let first_hidden = prefill(model, &joiners, w, &mut fresh, device);
+            stats.prefills += 1;
+            cache.write_rows(&free[..joiners.len()], &fresh);
+            for (k, (&slot, mut row)) in free.iter().zip(joiners).enumerate() {
+                row.start = cache.len() - row.prompt.len();
+                last = last.slice_assign(
+                    [slot..slot + 1, 0..1, 0..h],
+                    first_hidden.clone().slice([k..k + 1, 0..1, 0..h]),
+                );
+                slots[slot] = Some(row);
+            }
+        }
     }
     done.sort_by_key(|s| (s.prompt_index, s.sample_index));
-    done
+    (done, stats)
+}
+
+/// KV-cache columns for a call: the widest prompt and a reply, plus, when finished rows are
+/// refilled, room for another reply before the cache drops the columns nobody reads.
+pub fn cache_columns(prompt_len: usize, max_new_tokens: usize, refills: bool) -> usize {
+    prompt_len + max_new_tokens * if refills { 2 } else { 1 }
+}
+
+/// Prefills `rows`' prompts, left-padded to `width`, into `cache`; returns the last column's
+/// hidden state `[rows, 1, hidden]` (it predicts each row's first new token).
+fn prefill<B: Backend>(
+    model: &Qwen2<B>,
+    rows: &[Row],
+    width: usize,
+    cache: &mut KvCache<B>,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let b = rows.len();
+    let mut tokens = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut valid = Vec::with_capacity(b * width);
+    for r in rows {
+        let (p, pad) = (r.prompt, width - r.prompt.len());
+        tokens.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().map(|&t| t as i64)));
+        positions.extend(std::iter::repeat_n(1i64, pad).chain(0..p.len() as i64));
+        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
+    }
+    let hidden = model.hidden(
+        Tensor::from_data(TensorData::new(tokens, [b, width]), device),
+        Tensor::from_data(TensorData::new(positions, [b, width]), device),
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [b, width]), device),
+        Some(cache),
+    );
+    let h = hidden.dims()[2];
+    hidden.slice([0..b, width - 1..width, 0..h])
+}
+
+/// Why a row whose outputs are `ids` ends now, if it does: a stop token, a stop string completed
+/// by the last token (it lies within the last `max_stop + 1` tokens), or the length limit.
+fn finish_reason(
+    ids: &[u32],
+    params: &SamplingParams,
+    max_stop: usize,
+    detok: &dyn Detokenize,
+) -> Option<FinishReason> {
+    let tok = *ids.last()?;
+    if params.stop_token_ids.contains(&tok) {
+        return Some(FinishReason::StopToken);
+    }
+    if max_stop > 0 {
+        let tail = detok.detokenize(&ids[ids.len().saturating_sub(max_stop + 1)..]);
+        if params.stop_strings.iter().any(|s| tail.contains(s.as_str())) {
+            return Some(FinishReason::StopString);
+        }
+    }
+    (ids.len() >= params.max_new_tokens).then_some(FinishReason::Length)
 }

@@ -26,7 +26,7 @@ use crate::checkpoint::{self as ckpt, LoopState};
 use crate::config::{BaseDtype, TrainConfig};
 use crate::critic::Critic;
 use crate::eval;
-use crate::experience::{grid_tensor, pad_rows, ragged, Batch, Experience};
+use crate::experience::{grid_tensor, pad_rows, ragged, token_budget_groups, Batch, Experience};
 use crate::loss;
 use crate::memory::{MemoryPlan, PlanInputs};
 use crate::optimizer::{adamw, clip_global_norm, cosine_lr};
@@ -275,6 +275,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .wrapping_mul(1_000_003)
                 .wrapping_add(self.step as u64),
             compact: true,
+            max_rows: 0,
         }
     }
 
@@ -315,34 +316,22 @@ impl<B: AutodiffBackend> Trainer<B> {
         let idx = all[shard.clone()].to_vec();
         let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_prompts[i].clone()).collect();
         let inner_actor = self.actor.valid();
-        // Generation in slices of `rollout.generate_batch` prompts (bounds the KV cache); each
-        // prompt's RNG is keyed by its index in the step, so neither slicing nor sharding changes
-        // the samples.
-        let params = self.sampling();
-        let per_call = match cfg.rollout.generate_batch {
-            0 => prompts.len().max(1),
-            g => g,
+        // Continuous batching over the step's prompts, `rollout.generate_batch` prompts' rows at
+        // a time (bounds the KV cache); each prompt's RNG is keyed by its index in the step, so
+        // neither the batch size nor sharding changes the samples.
+        let params = SamplingParams {
+            max_rows: cfg.rollout.generate_batch * cfg.rollout.n,
+            ..self.sampling()
         };
-        let mut samples = Vec::with_capacity(prompts.len() * cfg.rollout.n);
-        for (k, slice) in prompts.chunks(per_call).enumerate() {
-            let first = k * per_call;
-            samples.extend(
-                sampler::generate_from(
-                    &inner_actor,
-                    &self.model_config,
-                    slice,
-                    shard.start + first,
-                    &params,
-                    &self.tok,
-                    &self.device,
-                )
-                .into_iter()
-                .map(|mut s| {
-                    s.prompt_index += first;
-                    s
-                }),
-            );
-        }
+        let samples = sampler::generate_from(
+            &inner_actor,
+            &self.model_config,
+            &prompts,
+            shard.start,
+            &params,
+            &self.tok,
+            &self.device,
+        );
         let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
         // Phase ends, for `phase_seconds`.
         let mut marks = vec![("generate", Instant::now())];
@@ -383,12 +372,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             .collect();
 
         marks.push(("reward", Instant::now()));
-        // Reference log-probs and critic values, micro-batch by micro-batch (no gradients).
+        // Reference log-probs and critic values (no gradients), in batches of at most
+        // `ppo.forward_tokens` padded tokens, sequences grouped by length.
         let inner_critic = self.critic.as_ref().map(|c| c.valid());
-        for group in (0..exps.len())
-            .collect::<Vec<_>>()
-            .chunks(cfg.ppo.micro_batch)
-        {
+        let lens: Vec<(usize, usize)> = exps
+            .iter()
+            .map(|e| (e.prompt.len(), e.response.len()))
+            .collect();
+        for group in token_budget_groups(&lens, cfg.ppo.forward_tokens) {
             let rows: Vec<(&[u32], &[u32])> = group
                 .iter()
                 .map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice()))

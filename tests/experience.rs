@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use burn::backend::NdArray;
-use med_rlvr::experience::{ragged, Batch};
+use med_rlvr::critic::Critic;
+use med_rlvr::experience::{ragged, token_budget_groups, Batch};
 use med_rlvr::sampler::{self, NoDetokenizer, SamplingParams};
 use qwen2_burn::load_qwen2;
 
@@ -51,4 +52,57 @@ fn batch_logprobs_equal_rollout_logprobs() {
         }
     }
     assert!(worst < 1e-4, "batch vs rollout log-prob max diff {worst:e}");
+}
+
+/// Reference log-probs and critic values computed in token-budget batches (sequences grouped by
+/// length) equal the one-sequence-at-a-time numbers within 1e-5.
+#[test]
+fn budget_batched_logprobs_and_values_equal_one_at_a_time() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2/untied-f32-mha");
+    let dev = Default::default();
+    let (c, m) = load_qwen2::<B>(&dir, &dev).unwrap();
+    let critic = Critic::new(m.clone(), 3, &dev);
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = (0..9u32)
+        .map(|i| {
+            let p = (0..2 + (i * 7) % 11).map(|j| (i * 31 + j * 13) % 200 + 1).collect();
+            let r = (0..1 + (i * 5) % 8).map(|j| (i * 17 + j * 3) % 200 + 1).collect();
+            (p, r)
+        })
+        .collect();
+    let lens: Vec<(usize, usize)> = seqs.iter().map(|(p, r)| (p.len(), r.len())).collect();
+    let budget = 40;
+    let groups = token_budget_groups(&lens, budget);
+    let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..seqs.len()).collect::<Vec<_>>(), "every sequence once");
+    assert!(groups.len() > 1 && groups.len() < seqs.len(), "{groups:?}");
+    for g in &groups {
+        let w = g.iter().map(|&i| lens[i].0).max().unwrap() + g.iter().map(|&i| lens[i].1).max().unwrap();
+        assert!(g.len() == 1 || g.len() * w <= budget, "{g:?} pads to {} tokens", g.len() * w);
+    }
+    let one = |i: usize| {
+        let rows = [(seqs[i].0.as_slice(), seqs[i].1.as_slice())];
+        let b = Batch::new(&rows);
+        let n = [seqs[i].1.len()];
+        (
+            ragged(b.logprobs(&m, 4, &dev), &n).remove(0),
+            ragged(b.values(&critic, &dev), &n).remove(0),
+        )
+    };
+    let mut worst = 0.0f64;
+    for g in &groups {
+        let rows: Vec<(&[u32], &[u32])> = g.iter().map(|&i| (seqs[i].0.as_slice(), seqs[i].1.as_slice())).collect();
+        let n: Vec<usize> = g.iter().map(|&i| seqs[i].1.len()).collect();
+        let b = Batch::new(&rows);
+        let lp = ragged(b.logprobs(&m, 4, &dev), &n);
+        let v = ragged(b.values(&critic, &dev), &n);
+        for (k, &i) in g.iter().enumerate() {
+            let (lp1, v1) = one(i);
+            for (x, y) in lp[k].iter().chain(&v[k]).zip(lp1.iter().chain(&v1)) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-5, "batched vs alone max diff {worst:e}");
+    let _ = c;
 }

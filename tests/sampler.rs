@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
 use med_rlvr::cli::continuation_logprobs;
-use med_rlvr::sampler::{self, sampling_distribution, FinishReason, NoDetokenizer, SamplingParams};
+use med_rlvr::next_token;
+use med_rlvr::sampler::{self, FinishReason, NoDetokenizer, SamplingParams};
 use med_rlvr::tokenizer::Tokenizer;
 use qwen2_burn::{load_qwen2, Qwen2, Qwen2Config};
-use rand::{rngs::StdRng, SeedableRng};
+use burn::tensor::{Tensor, TensorData};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 
 type B = NdArray<f32>;
 
@@ -35,6 +37,26 @@ fn greedy(max_new: usize) -> SamplingParams {
         temperature: 0.0,
         max_new_tokens: max_new,
         ..Default::default()
+    }
+}
+
+/// The sampler's greedy decoding (argmax on the device) gives transformers' greedy tokens, up to
+/// the first step whose top-2 logit margin is within 1e-2 (a near tie could go either way).
+#[test]
+fn device_greedy_matches_transformers_greedy() {
+    for name in ["tied-bf16-sharded", "tied-f16-gqa", "untied-f32-mha"] {
+        let (c, m) = load(name);
+        let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+        let g: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let list = |k: &str| -> Vec<f64> {
+            g["greedy"][k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        };
+        let prompt: Vec<u32> = list("prompt_ids").iter().map(|&x| x as u32).collect();
+        let want: Vec<u32> = list("output_ids").iter().map(|&x| x as u32).collect();
+        let clear = list("margins").iter().take_while(|m| **m > 1e-2).count();
+        assert!(clear >= 4, "{name}: too few clear steps ({clear})");
+        let got = sampler::generate(&m, &c, &[prompt], &greedy(want.len()), &NoDetokenizer, &Default::default());
+        assert_eq!(got[0].output_ids[..clear], want[..clear], "{name}");
     }
 }
 
@@ -146,27 +168,122 @@ fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution() {
         ),
     ];
     assert!(nucleus.len() < 8 && nucleus.len() > 1);
+    // The device draws `n` rows of the same logits at once, one host uniform per row.
     let n = 200_000;
+    let dev = Default::default();
+    let rows = Tensor::<B, 2>::from_data(TensorData::new(logits.clone(), [1, 8]), &dev)
+        .expand([n, 8]);
+    let mut rng = StdRng::seed_from_u64(9);
+    let uniforms: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
     for (params, keep) in cases {
-        let dist = sampling_distribution(&logits, &params);
         let want = softmax(t, &keep);
-        assert_eq!(dist.len(), keep.len());
-        for ((id, p), (&k, &w)) in dist.iter().zip(keep.iter().zip(&want)) {
-            assert_eq!(*id as usize, k);
-            assert!((p - w).abs() < 1e-6, "{p} vs {w}"); // temperature is an f32
-        }
-        let mut rng = StdRng::seed_from_u64(9);
+        let chosen = next_token::choose(rows.clone(), &params, &uniforms);
         let mut counts = vec![0usize; keep.len()];
-        for _ in 0..n {
-            let (id, _) = sampler::draw(&dist, &mut rng);
-            counts[keep.iter().position(|&k| k == id as usize).unwrap()] += 1;
+        for (i, &id) in chosen.ids.iter().enumerate() {
+            let k = keep
+                .iter()
+                .position(|&k| k == id as usize)
+                .unwrap_or_else(|| panic!("token {id} is outside {keep:?}"));
+            counts[k] += 1;
+            // `log q` is the truncated, renormalised probability of the drawn token.
+            let q = chosen.sampling_logprobs[i] as f64;
+            assert!((q - want[k].ln()).abs() < 1e-5, "{q} vs {}", want[k].ln());
         }
         // 99.9% critical values of chi-square for df = k − 1 ≤ 7 are below 24.4.
         let x2 = chi_square(&counts, &want, n);
         assert!(x2 < 24.4, "chi-square {x2} for keep={keep:?}");
+        // `log π` and the entropy are the temperature-1 distribution's, whatever is sampled.
+        let full1 = (0..8).map(|i| (logits[i] as f64).exp()).collect::<Vec<_>>();
+        let z: f64 = full1.iter().sum();
+        let h: f64 = -full1.iter().map(|p| p / z * (p / z).ln()).sum::<f64>();
+        assert!((chosen.entropies[0] as f64 - h).abs() < 1e-5);
+        let id = chosen.ids[0] as usize;
+        assert!((chosen.logprobs[0] as f64 - (full1[id] / z).ln()).abs() < 1e-5);
     }
-    // Greedy puts all mass on the argmax.
-    assert_eq!(sampling_distribution(&logits, &greedy(1)), vec![(0, 1.0)]);
+    // Greedy puts all mass on the argmax, with log q = 0.
+    let g = next_token::choose(rows.slice([0..3, 0..8]), &greedy(1), &[]);
+    assert_eq!(g.ids, vec![0, 0, 0]);
+    assert_eq!(g.sampling_logprobs, vec![0.0; 3]);
+}
+
+/// Per decode step the host reads back a few numbers per row, never the `[rows, vocab]` logits:
+/// the bytes per token choice are the same for a vocabulary of 8 and of 1,024 (20 on ndarray:
+/// an i64 id and three f32s).
+#[test]
+fn bytes_read_back_per_decode_step_are_o_rows_not_o_vocab() {
+    let dev = Default::default();
+    let per_row = |vocab: usize, rows: usize| {
+        let z = Tensor::<B, 2>::random([rows, vocab], burn::tensor::Distribution::Default, &dev);
+        let params = SamplingParams::default();
+        next_token::choose(z, &params, &vec![0.5; rows]).bytes_read as f64 / rows as f64
+    };
+    let small = per_row(8, 4);
+    assert_eq!(small, per_row(1024, 4));
+    assert_eq!(small, per_row(1024, 64));
+    assert!(small <= 24.0, "{small} bytes per row");
+    // And through a whole rollout, on a real fixture (vocabulary 1,000+).
+    let (c, m) = load("tied-bf16-sharded");
+    let params = SamplingParams {
+        max_new_tokens: 6,
+        n: 2,
+        seed: 1,
+        ..Default::default()
+    };
+    let (samples, stats) = sampler::rollout(&m, &c, &prompts(), 0, &params, &NoDetokenizer, &dev);
+    let tokens: usize = samples.iter().map(|s| s.output_ids.len()).sum();
+    assert_eq!(stats.row_steps, tokens);
+    assert_eq!(stats.bytes_per_row_step(), small);
+    // Reading the f32 logits back would cost `vocab × 4` bytes per choice.
+    assert!(stats.bytes_read * 10 < tokens * c.vocab_size * 4);
+}
+
+/// Continuous batching: with fewer rows than samples, finished rows hand their slot to waiting
+/// prompts; every sample equals the one from decoding its prompt alone.
+#[test]
+fn continuous_batching_gives_the_samples_of_one_prompt_at_a_time() {
+    let (c, m) = load("tied-bf16-sharded");
+    let dev = Default::default();
+    let many: Vec<Vec<u32>> = (0..7u32)
+        .map(|i| (0..(2 + (i * 5) % 9)).map(|j| (i * 37 + j * 11) % 250 + 1).collect())
+        .collect();
+    for temperature in [0.0, 1.0] {
+        let params = SamplingParams {
+            temperature,
+            max_new_tokens: 10,
+            n: 2,
+            seed: 5,
+            // Rows end at different lengths, so slots free up at different steps.
+            stop_token_ids: (0..40).collect(),
+            ..Default::default()
+        };
+        for (max_rows, compact) in [(3, true), (5, false), (1, true)] {
+            let p = SamplingParams {
+                max_rows,
+                compact,
+                ..params.clone()
+            };
+            let (cont, stats) = sampler::rollout(&m, &c, &many, 0, &p, &NoDetokenizer, &dev);
+            assert_eq!(cont.len(), 14);
+            assert!(stats.max_rows <= max_rows);
+            assert!(stats.prefills > 1, "rows were refilled");
+            let lens: std::collections::HashSet<usize> =
+                cont.iter().map(|s| s.output_ids.len()).collect();
+            assert!(lens.len() > 1, "want ragged lengths, got {lens:?}");
+            for (i, prompt) in many.iter().enumerate() {
+                let alone =
+                    sampler::generate_from(&m, &c, std::slice::from_ref(prompt), i, &params, &NoDetokenizer, &dev);
+                for (k, a) in alone.iter().enumerate() {
+                    let s = &cont[i * 2 + k];
+                    assert_eq!((s.prompt_index, s.sample_index), (i, k));
+                    assert_eq!(s.output_ids, a.output_ids, "T={temperature} rows={max_rows} prompt {i}");
+                    assert_eq!(s.finish_reason, a.finish_reason);
+                    for (x, y) in s.logprobs.iter().zip(&a.logprobs) {
+                        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -115,4 +115,53 @@ impl<B: Backend> KvCache<B> {
         }
         self.valid = self.valid.clone().select(0, idx);
     }
+
+    /// Moves rows in from `src` (a cache prefilled for `rows.len()` new sequences): row `k` of
+    /// `src` replaces row `rows[k]`, its `src.len()` columns right-aligned to end at this cache's
+    /// write position, every older column of that row marked invalid. Used by continuous batching
+    /// to put a new prompt into the slot of a finished one.
+    pub fn write_rows(&mut self, rows: &[usize], src: &KvCache<B>) {
+        let (w, end) = (src.len, self.len);
+        assert!(
+            w <= end,
+            "a {w}-token prefill does not fit before column {end} of the cache"
+        );
+        assert_eq!(rows.len(), src.batch(), "one target row per source row");
+        for (dst, from) in self.keys.iter_mut().zip(&src.keys).chain(self.values.iter_mut().zip(&src.values)) {
+            let [_, h, _, d] = from.dims();
+            for (k, &r) in rows.iter().enumerate() {
+                let part = from.clone().slice([k..k + 1, 0..h, 0..w, 0..d]);
+                let old = std::mem::replace(dst, part.clone());
+                *dst = old.slice_assign([r..r + 1, 0..h, end - w..end, 0..d], part);
+            }
+        }
+        let device = self.valid.device();
+        for (k, &r) in rows.iter().enumerate() {
+            let row = Tensor::<B, 2, Int>::zeros([1, self.capacity], &device)
+                .bool()
+                .slice_assign([0..1, end - w..end], src.valid.clone().slice([k..k + 1, 0..w]));
+            let old = std::mem::replace(&mut self.valid, row.clone());
+            self.valid = old.slice_assign([r..r + 1, 0..self.capacity], row);
+        }
+    }
+
+    /// Keeps only the last `keep` written columns (moved to the front), freeing the rest of the
+    /// capacity. Every row's tokens must lie in those columns: rows are written up to the shared
+    /// write position, so a row whose first valid column is at `len − keep` or later loses nothing.
+    pub fn keep_last(&mut self, keep: usize) {
+        assert!(keep <= self.len, "cannot keep {keep} of {} columns", self.len);
+        let from = self.len - keep;
+        let device = self.valid.device();
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let [b, h, c, d] = t.dims();
+            let kept = t.clone().slice([0..b, 0..h, from..from + keep, 0..d]);
+            *t = Tensor::zeros([b, h, c, d], &device).slice_assign([0..b, 0..h, 0..keep, 0..d], kept);
+        }
+        let b = self.batch();
+        let kept = self.valid.clone().slice([0..b, from..from + keep]);
+        self.valid = Tensor::<B, 2, Int>::zeros([b, self.capacity], &device)
+            .bool()
+            .slice_assign([0..b, 0..keep], kept);
+        self.len = keep;
+    }
 }
