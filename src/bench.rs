@@ -30,9 +30,19 @@ pub struct RolloutBench {
     pub new_tokens: usize,
     pub stop_every: usize,
     pub finished_rows: &'static str,
+    /// Rows decoded together (0 = all), and how: `continuous` (freed rows refilled) or `slices`
+    /// (one sampler call per `max_rows` rows, the pre-continuous-batching way).
+    pub max_rows: usize,
+    pub batching: &'static str,
     pub generated_tokens: usize,
     pub seconds: f64,
     pub generated_tok_s: f64,
+    /// Decode passes, prefill passes, and the bytes read back from the device (all calls).
+    pub decode_steps: usize,
+    pub prefills: usize,
+    pub bytes_read: usize,
+    /// Bytes read back per token choice: O(1), not O(vocab).
+    pub bytes_per_row_step: f64,
 }
 
 fn random_prompts(count: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
@@ -131,6 +141,10 @@ pub struct RolloutShape {
     pub stop_every: usize,
     /// Keep finished rows in the batch, masked, instead of compacting them out.
     pub mask: bool,
+    /// Rows decoded together (0 = all).
+    pub max_rows: usize,
+    /// Cut the rows into sampler calls of `max_rows` instead of continuous batching.
+    pub slices: bool,
 }
 
 /// `prompts × n` samples (temperature 1) through the sampler: exactly `new_tokens` each, or of
@@ -158,6 +172,7 @@ pub fn rollout<B: Backend>(
         seed: 1,
         stop_token_ids,
         compact: !shape.mask,
+        max_rows: shape.max_rows,
         ..Default::default()
     };
     let _ = sampler::generate(
@@ -173,9 +188,28 @@ pub fn rollout<B: Backend>(
         device,
     );
     let t0 = Instant::now();
-    let samples = sampler::generate(model, config, &ps, &params, &NoDetokenizer, device);
+    let (mut generated, mut stats) = (0, sampler::RolloutStats::default());
+    let per_call = match (shape.slices, shape.max_rows) {
+        (true, m) if m > 0 => m.div_ceil(n.max(1)),
+        _ => ps.len().max(1),
+    };
+    for (k, slice) in ps.chunks(per_call).enumerate() {
+        let (samples, s) = sampler::rollout(
+            model,
+            config,
+            slice,
+            k * per_call,
+            &params,
+            &NoDetokenizer,
+            device,
+        );
+        generated += samples.iter().map(|s| s.output_ids.len()).sum::<usize>();
+        stats.decode_steps += s.decode_steps;
+        stats.prefills += s.prefills;
+        stats.row_steps += s.row_steps;
+        stats.bytes_read += s.bytes_read;
+    }
     let seconds = t0.elapsed().as_secs_f64();
-    let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
     RolloutBench {
         prompts,
         n,
@@ -183,9 +217,15 @@ pub fn rollout<B: Backend>(
         new_tokens,
         stop_every: shape.stop_every,
         finished_rows: if shape.mask { "masked" } else { "compacted" },
+        max_rows: shape.max_rows,
+        batching: if shape.slices { "slices" } else { "continuous" },
         generated_tokens: generated,
         seconds,
         generated_tok_s: generated as f64 / seconds,
+        decode_steps: stats.decode_steps,
+        prefills: stats.prefills,
+        bytes_read: stats.bytes_read,
+        bytes_per_row_step: stats.bytes_per_row_step(),
     }
 }
 

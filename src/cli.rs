@@ -347,6 +347,12 @@ pub struct BenchArgs {
     /// Rollout: keep finished rows in the batch, masked, instead of compacting them out.
     #[arg(long)]
     pub mask: bool,
+    /// Rollout: rows decoded together (0 = all); freed rows are refilled (continuous batching).
+    #[arg(long, default_value_t = 0)]
+    pub max_rows: usize,
+    /// Rollout: one sampler call per --max-rows rows instead of continuous batching.
+    #[arg(long)]
+    pub slices: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -700,6 +706,8 @@ fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
             crate::bench::RolloutShape {
                 stop_every: a.stop_every,
                 mask: a.mask,
+                max_rows: a.max_rows,
+                slices: a.slices,
             },
             device,
         ))?
