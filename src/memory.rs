@@ -52,8 +52,13 @@ pub struct PlanInputs {
     pub model: Qwen2Config,
     pub lora: Option<LoraSpec>,
     pub critic: bool,
-    /// Sequences generated per sampler call (prompts per call × n).
+    /// Sequences decoded together (prompts per batch × n).
     pub rollout_rows: usize,
+    /// Whether finished rows are refilled (fewer rows than a step's samples): the KV cache then
+    /// holds room for a second reply ([`crate::sampler::cache_columns`]).
+    pub refills: bool,
+    /// Padded tokens per no-grad forward (reference log-probs, critic values).
+    pub forward_tokens: usize,
     /// Longest prompt in tokens.
     pub prompt_len: usize,
     pub max_new_tokens: usize,
@@ -81,6 +86,8 @@ impl PlanInputs {
                 0 => prompts,
                 g => g.min(prompts),
             } * cfg.rollout.n,
+            refills: cfg.rollout.generate_batch > 0 && cfg.rollout.generate_batch < prompts,
+            forward_tokens: cfg.ppo.forward_tokens,
             prompt_len,
             max_new_tokens: cfg.rollout.max_new_tokens,
             micro_batch: cfg.ppo.micro_batch,
@@ -98,7 +105,7 @@ impl PlanInputs {
 pub struct PlanItem {
     pub what: String,
     pub bytes: u64,
-    /// `persistent`, `rollout` or `update`.
+    /// `persistent`, `rollout`, `experience` or `update`.
     pub phase: &'static str,
     /// The setting that shrinks it.
     pub knob: &'static str,
@@ -109,8 +116,10 @@ pub struct MemoryPlan {
     pub items: Vec<PlanItem>,
     pub persistent: u64,
     pub rollout: u64,
+    /// The no-grad reference/critic passes.
+    pub experience: u64,
     pub update: u64,
-    /// `persistent + max(rollout, update)`.
+    /// `persistent + max(rollout, experience, update)`.
     pub peak: u64,
     /// Trainable floats (what gradients and optimizer state scale with).
     pub trainable: u64,
@@ -199,9 +208,10 @@ impl MemoryPlan {
             p.max_new_tokens as u64,
         );
         let (heads, v) = (c.num_attention_heads as u64, c.vocab_size as u64);
+        let columns = crate::sampler::cache_columns(p.prompt_len, p.max_new_tokens, p.refills);
         add(
-            format!("rollout KV cache ({rows} rows × {} tokens)", pl + n),
-            kv_cache_elements(c, p.rollout_rows, p.prompt_len + p.max_new_tokens),
+            format!("rollout KV cache ({rows} rows × {columns} tokens)"),
+            kv_cache_elements(c, p.rollout_rows, columns),
             "rollout",
             "rollout.generate_batch, rollout.max_new_tokens",
         );
@@ -216,6 +226,19 @@ impl MemoryPlan {
             rows * v * 3,
             "rollout",
             "rollout.generate_batch",
+        );
+        // No-grad passes: at most `forward_tokens` padded tokens; one layer's transients (norm,
+        // q/k/v/o, gate/up/act/down, residual) plus its attention scores, the final hidden
+        // states and one log-prob chunk's logits.
+        let (ft, s) = ((p.forward_tokens as u64).max(pl + n), pl + n);
+        let fr = ft / s;
+        add(
+            format!("reference/critic forward ({ft} tokens, ≈)"),
+            ft * (8 * h + 4 * c.intermediate_size as u64)
+                + fr * heads * s * s * 2
+                + fr * (p.logprob_chunk as u64).min(n.max(1)) * v * 3,
+            "experience",
+            "ppo.forward_tokens",
         );
         let (mb, s) = (p.micro_batch as u64, pl + n);
         let t = mb * s;
@@ -249,12 +272,18 @@ impl MemoryPlan {
                 .map(|i| i.bytes)
                 .sum::<u64>()
         };
-        let (persistent, rollout, update) = (sum("persistent"), sum("rollout"), sum("update"));
+        let (persistent, rollout, experience, update) = (
+            sum("persistent"),
+            sum("rollout"),
+            sum("experience"),
+            sum("update"),
+        );
         Self {
             persistent,
             rollout,
+            experience,
             update,
-            peak: persistent + rollout.max(update),
+            peak: persistent + rollout.max(experience).max(update),
             trainable,
             items,
         }
@@ -277,11 +306,12 @@ impl MemoryPlan {
             ));
         }
         s.push_str(&format!(
-            "{:<62} {:>10.3}  (persistent {:.3} + max(rollout {:.3}, update {:.3}))\n",
+            "{:<62} {:>10.3}  (persistent {:.3} + max(rollout {:.3}, experience {:.3}, update {:.3}))\n",
             "peak",
             gib(self.peak),
             gib(self.persistent),
             gib(self.rollout),
+            gib(self.experience),
             gib(self.update)
         ));
         s

@@ -1,8 +1,10 @@
-//! The PPO trainer (and the critic-free family): one `step` = rollout through the sampler →
-//! verifier rewards → reference log-probs and critic values → KL-shaped rewards → advantages →
-//! `ppo_epochs` passes of clipped policy / value updates over shuffled micro-batches with gradient
-//! accumulation, global-norm clipping and AdamW on a cosine schedule. The math lives in
-//! `advantages.rs` and `loss.rs`; this file only orchestrates.
+//! The PPO trainer (and the critic-free family). One `step` is a pipeline of phases, each in its
+//! own file under `trainer/`: rollout through the sampler (`rollout.rs`) → verifier rewards
+//! (`score.rs`) → reference log-probs and critic values (`reference_values.rs`) → KL-shaped rewards
+//! and advantages (`advantages.rs`) → `ppo_epochs` passes of clipped policy / value updates
+//! (`update.rs`) → metrics (`metrics.rs`). The math lives in `crate::advantages` and `crate::loss`;
+//! data parallelism stays behind `World` calls inside the phases. This file holds the trainer's
+//! state, checkpoints and the run loop.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamW, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, DeviceOps};
 use burn::tensor::{DType, FloatDType};
 use qwen2_burn::{load_lora, load_qwen2, save_lora, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
@@ -21,21 +23,26 @@ use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
 use serde::Serialize;
 
-use crate::advantages::{self as adv, Estimator, Grid, KlEstimator};
+use crate::advantages::Estimator;
 use crate::checkpoint::{self as ckpt, LoopState};
 use crate::config::{BaseDtype, TrainConfig};
 use crate::critic::Critic;
 use crate::eval;
-use crate::experience::{grid_tensor, pad_rows, ragged, token_budget_groups, Batch, Experience};
-use crate::loss;
 use crate::memory::{MemoryPlan, PlanInputs};
-use crate::optimizer::{adamw, clip_global_norm, cosine_lr};
+use crate::optimizer::adamw;
 use crate::parallel::{nth_device, stable_param_ids, World};
 use crate::prompt;
-use crate::sampler::{self, SamplingParams};
+use crate::sampler::SamplingParams;
 use crate::task::{self, LoadOptions, McqaItem};
 use crate::tokenizer::Tokenizer;
-use crate::verifier::{self, Stage, Summary, Verdict};
+use crate::verifier::Summary;
+
+mod advantages;
+mod metrics;
+mod reference_values;
+mod rollout;
+mod score;
+mod update;
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -306,470 +313,20 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Runs one PPO step; returns its metrics and a few decoded samples.
     pub fn step(&mut self) -> Result<(StepMetrics, Vec<serde_json::Value>)> {
-        let t0 = Instant::now();
-        let cfg = self.cfg.clone();
-        let chunk = cfg.model.logprob_chunk;
-        let world = self.world;
-        // Every replica draws the same prompts and keeps its shard of them.
-        let all = self.next_batch(cfg.rollout.prompts_per_step);
-        let shard = world.shard(all.len());
-        let idx = all[shard.clone()].to_vec();
-        let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| self.train_prompts[i].clone()).collect();
-        let inner_actor = self.actor.valid();
-        // Continuous batching over the step's prompts, `rollout.generate_batch` prompts' rows at
-        // a time (bounds the KV cache); each prompt's RNG is keyed by its index in the step, so
-        // neither the batch size nor sharding changes the samples.
-        let params = SamplingParams {
-            max_rows: cfg.rollout.generate_batch * cfg.rollout.n,
-            ..self.sampling()
-        };
-        let samples = sampler::generate_from(
-            &inner_actor,
-            &self.model_config,
-            &prompts,
-            shard.start,
-            &params,
-            &self.tok,
-            &self.device,
-        );
-        let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
-        // Phase ends, for `phase_seconds`.
-        let mut marks = vec![("generate", Instant::now())];
-
-        // Rewards.
-        let mut verdicts: Vec<Verdict> = Vec::with_capacity(samples.len());
-        let mut texts = Vec::with_capacity(samples.len());
-        for s in &samples {
-            let item = &self.train_items[idx[s.prompt_index]];
-            let text = self.tok.decode(&s.output_ids);
-            let mut v = verifier::verify(
-                &text,
-                item.answer,
-                item.num_options(),
-                Some(item.gold_text()),
-                &cfg.verifier,
-            );
-            if let Some(think) = verifier::think_text(&text) {
-                v.diagnostics.think_tokens = Some(self.tok.encode(think)?.len());
-            }
-            verdicts.push(v);
-            texts.push(text);
-        }
-        let mut exps: Vec<Experience> = samples
-            .iter()
-            .zip(&verdicts)
-            .map(|(s, v)| Experience {
-                prompt_index: s.prompt_index,
-                prompt: prompts[s.prompt_index].clone(),
-                response: s.output_ids.clone(),
-                old_logp: s.logprobs.iter().map(|&x| x as f64).collect(),
-                ref_logp: vec![],
-                old_values: vec![],
-                reward: v.reward as f64,
-                advantages: vec![],
-                returns: vec![],
-            })
-            .collect();
-
-        marks.push(("reward", Instant::now()));
-        // Reference log-probs and critic values (no gradients), in batches of at most
-        // `ppo.forward_tokens` padded tokens, sequences grouped by length.
-        let inner_critic = self.critic.as_ref().map(|c| c.valid());
-        let lens: Vec<(usize, usize)> = exps
-            .iter()
-            .map(|e| (e.prompt.len(), e.response.len()))
-            .collect();
-        for group in token_budget_groups(&lens, cfg.ppo.forward_tokens) {
-            let rows: Vec<(&[u32], &[u32])> = group
-                .iter()
-                .map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice()))
-                .collect();
-            let lens: Vec<usize> = group.iter().map(|&i| exps[i].response.len()).collect();
-            let batch = Batch::new(&rows);
-            let ref_lp = ragged(batch.logprobs(&self.reference, chunk, &self.device), &lens);
-            let vals = inner_critic
-                .as_ref()
-                .map(|c| ragged(batch.values(c, &self.device), &lens));
-            for (k, &i) in group.iter().enumerate() {
-                exps[i].ref_logp = ref_lp[k].clone();
-                if let Some(v) = &vals {
-                    exps[i].old_values = v[k].clone();
-                }
-            }
-        }
-
-        marks.push(("reference_values", Instant::now()));
-        // KL-shaped rewards and advantages over the whole rollout batch.
-        let r = exps
-            .iter()
-            .map(|e| e.response.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mask: Grid = exps
-            .iter()
-            .map(|e| {
-                (0..r)
-                    .map(|j| if j < e.response.len() { 1.0 } else { 0.0 })
-                    .collect()
-            })
-            .collect();
-        let old = pad_rows(
-            &exps
-                .iter()
-                .map(|e| e.old_logp.as_slice())
-                .collect::<Vec<_>>(),
-            r,
-        );
-        let reference = pad_rows(
-            &exps
-                .iter()
-                .map(|e| e.ref_logp.as_slice())
-                .collect::<Vec<_>>(),
-            r,
-        );
-        let kl_est = if cfg.ppo.use_kl_loss {
-            KlEstimator::K3
-        } else {
-            cfg.ppo.kl_estimator
-        };
-        let kl = adv::kl(&old, &reference, &mask, kl_est);
-        let k1 = adv::kl(&old, &reference, &mask, KlEstimator::K1);
-        // Batch statistics are over every replica's rows (`moments` is local with one device).
-        let dev = self.device.clone();
-        let moments = |x: &Grid| world.masked_moments::<B::InnerBackend>(x, &mask, &dev);
-        let (kl_mean, _) = moments(&k1)?;
-        let beta_in_reward = if cfg.ppo.use_kl_loss {
-            0.0
-        } else {
-            self.kl_coef
-        };
-        let seq_rewards: Vec<f64> = exps.iter().map(|e| e.reward).collect();
-        let (advantages, returns, explained_var) = if cfg.ppo.estimator == Estimator::Gae {
-            let values = pad_rows(
-                &exps
-                    .iter()
-                    .map(|e| e.old_values.as_slice())
-                    .collect::<Vec<_>>(),
-                r,
-            );
-            let rewards = adv::token_rewards(&seq_rewards, &kl, &mask, beta_in_reward);
-            let (a, g) = adv::gae(&rewards, &values, &mask, cfg.ppo.gamma, cfg.ppo.lambda);
-            let (_, var_g) = moments(&g)?;
-            let (_, var_d) = moments(&adv::residuals(&values, &g))?;
-            let ev = adv::explained_variance(var_g, var_d);
-            let (mean, var) = moments(&a)?;
-            (adv::whiten_with(&a, mean, var), g, ev)
-        } else {
-            let mut a = adv::critic_free_returns(
-                &seq_rewards,
-                cfg.rollout.n,
-                &kl,
-                &mask,
-                beta_in_reward,
-                cfg.ppo.gamma,
-                cfg.ppo.estimator,
-            );
-            if cfg.ppo.estimator.whitens() {
-                let (mean, var) = moments(&a)?;
-                a = adv::whiten_with(&a, mean, var);
-            }
-            (a.clone(), a, 0.0)
-        };
-        for (i, e) in exps.iter_mut().enumerate() {
-            let n = e.response.len();
-            e.advantages = advantages[i][..n].to_vec();
-            e.returns = returns[i][..n].to_vec();
-        }
-
-        // Updates (none if the rollout's numbers are not finite).
-        let mut fault: Option<String> = (!kl_mean.is_finite()
-            || exps.iter().any(|e| {
-                e.old_logp
-                    .iter()
-                    .chain(&e.ref_logp)
-                    .chain(&e.advantages)
-                    .chain(&e.returns)
-                    .any(|x| !x.is_finite())
-            }))
-        .then(|| "non-finite log-probs, KL or advantages in the rollout".to_string());
-        if world.any::<B::InnerBackend>(fault.is_some(), &dev)? && fault.is_none() {
-            fault = Some("non-finite rollout numbers on another device".into());
-        }
-        marks.push(("advantages", Instant::now()));
-        let inject_nan = self.inject_nan_steps.contains(&self.step);
-        let train_actor = self.step >= cfg.ppo.critic_warmup;
-        let mut rng =
-            StdRng::seed_from_u64(cfg.seed ^ (self.step as u64).wrapping_mul(0x5851_F42D));
-        // The shuffle and the loss weights are over the global batch: replica `r` holds global
-        // samples `first..first + exps.len()` and trains on its members of each global mini-batch.
-        let first = world.rank * exps.len();
-        let mut lens = vec![0.0; exps.len() * world.size];
-        for (k, e) in exps.iter().enumerate() {
-            lens[first + k] = e.response.len() as f64;
-        }
-        let lens = world.sum::<B::InnerBackend>(&lens, &dev)?;
-        let (mut pl_sum, mut vl_sum, mut cf_sum, mut gn_sum, mut cgn_sum, mut n_opt) =
-            (0.0, 0.0, 0.0, 0.0, 0.0, 0usize);
-        let mut lr = 0.0;
-        let mut critic_lr = 0.0;
-        'update: for _ in 0..cfg.ppo.ppo_epochs {
-            if fault.is_some() {
-                break;
-            }
-            let mut order: Vec<usize> = (0..lens.len()).collect();
-            order.shuffle(&mut rng);
-            for train_batch in order.chunks(cfg.ppo.train_batch) {
-                let total_tokens = (train_batch.iter().map(|&i| lens[i]).sum::<f64>()).max(1.0);
-                let mut mine: Vec<usize> = train_batch
-                    .iter()
-                    .filter(|&&i| (first..first + exps.len()).contains(&i))
-                    .map(|&i| i - first)
-                    .collect();
-                // A replica with no member of this mini-batch still reduces the same parameters:
-                // it runs one of its samples with weight 0.
-                let idle = mine.is_empty();
-                if idle {
-                    mine.push(0);
-                }
-                let mut acc_actor = GradientsAccumulator::<Qwen2<B>>::new();
-                let mut acc_critic = GradientsAccumulator::<Critic<B>>::new();
-                let mut local_fault = None;
-                for mb in mine.chunks(cfg.ppo.micro_batch) {
-                    let rows: Vec<(&[u32], &[u32])> = mb
-                        .iter()
-                        .map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice()))
-                        .collect();
-                    let batch = Batch::new(&rows);
-                    let m = batch.mask_tensor::<B>(&self.device);
-                    let take = |f: &dyn Fn(&Experience) -> &[f64]| {
-                        grid_tensor::<B>(
-                            &pad_rows(
-                                &mb.iter().map(|&i| f(&exps[i])).collect::<Vec<_>>(),
-                                batch.r,
-                            ),
-                            &self.device,
-                        )
-                    };
-                    // Weight of this micro-batch in the global mini-batch mean.
-                    let weight = if idle {
-                        0.0
-                    } else {
-                        match cfg.ppo.loss_agg {
-                            loss::Aggregation::SeqMeanTokenMean => {
-                                mb.len() as f64 / train_batch.len() as f64
-                            }
-                            loss::Aggregation::TokenMean => {
-                                mb.iter().map(|&i| exps[i].response.len()).sum::<usize>() as f64
-                                    / total_tokens
-                            }
-                        }
-                    };
-                    if train_actor {
-                        let logp = batch.logprobs(&self.actor, chunk, &self.device);
-                        let (pl, cf) = loss::policy_loss(
-                            logp.clone(),
-                            take(&|e| &e.old_logp),
-                            take(&|e| &e.advantages),
-                            m.clone(),
-                            cfg.ppo.eps_low,
-                            cfg.ppo.eps_high,
-                            cfg.ppo.loss_agg,
-                        );
-                        let mut total = pl.clone();
-                        if inject_nan {
-                            total = total.mul_scalar(f64::NAN);
-                        }
-                        if cfg.ppo.use_kl_loss {
-                            total = total
-                                + loss::kl_loss(
-                                    logp,
-                                    take(&|e| &e.ref_logp),
-                                    m.clone(),
-                                    cfg.ppo.loss_agg,
-                                )
-                                .mul_scalar(self.kl_coef);
-                        }
-                        let total_value = scalar(total.clone());
-                        if !total_value.is_finite() {
-                            local_fault = Some(format!("policy loss {total_value}"));
-                            break;
-                        }
-                        pl_sum += scalar(pl) * weight;
-                        cf_sum += cf * weight;
-                        let grads = total.mul_scalar(weight).backward();
-                        acc_actor.accumulate(
-                            &self.actor,
-                            GradientsParams::from_grads(grads, &self.actor),
-                        );
-                    }
-                    if let Some(critic) = &self.critic {
-                        let v = batch.values(critic, &self.device);
-                        let vl = loss::value_loss(
-                            v,
-                            take(&|e| &e.old_values),
-                            take(&|e| &e.returns),
-                            m,
-                            cfg.ppo.value_clip,
-                            cfg.ppo.loss_agg,
-                        );
-                        let vl_value = scalar(vl.clone());
-                        if !vl_value.is_finite() {
-                            local_fault = Some(format!("value loss {vl_value}"));
-                            break;
-                        }
-                        vl_sum += vl_value * weight;
-                        let grads = vl.mul_scalar(weight).backward();
-                        acc_critic.accumulate(critic, GradientsParams::from_grads(grads, critic));
-                    }
-                }
-                // Every replica learns of a fault on any of them before reducing gradients.
-                if world.any::<B::InnerBackend>(local_fault.is_some(), &dev)? {
-                    fault =
-                        local_fault.or_else(|| Some("a non-finite loss on another device".into()));
-                    break 'update;
-                }
-                lr = cosine_lr(
-                    cfg.optim.actor_lr,
-                    self.opt_step,
-                    self.total_opt_steps,
-                    cfg.optim.warmup_ratio,
-                    cfg.optim.min_lr_ratio,
-                );
-                critic_lr = cosine_lr(
-                    cfg.optim.critic_lr,
-                    self.opt_step,
-                    self.total_opt_steps,
-                    cfg.optim.warmup_ratio,
-                    cfg.optim.min_lr_ratio,
-                );
-                // Gradients summed over the replicas, then norms: a non-finite one skips the rest
-                // of the step before any update.
-                let mut actor_grads = match train_actor {
-                    true => Some(world.sum_grads::<B>(acc_actor.grads())?),
-                    false => None,
-                };
-                let mut critic_grads = match &self.critic {
-                    Some(_) => Some(world.sum_grads::<B>(acc_critic.grads())?),
-                    None => None,
-                };
-                let gn = match (&mut actor_grads, &self.actor) {
-                    (Some(g), a) => clip_global_norm(a, g, cfg.optim.grad_clip),
-                    _ => 0.0,
-                };
-                let cgn = match (&mut critic_grads, &self.critic) {
-                    (Some(g), Some(c)) => clip_global_norm(c, g, cfg.optim.grad_clip),
-                    _ => 0.0,
-                };
-                if !gn.is_finite() || !cgn.is_finite() {
-                    fault = Some(format!("gradient norm actor {gn}, critic {cgn}"));
-                    break 'update;
-                }
-                gn_sum += gn;
-                cgn_sum += cgn;
-                if let Some(g) = actor_grads {
-                    self.actor = self.actor_optim.step(lr, self.actor.clone(), g);
-                }
-                if let (Some(critic), Some(opt), Some(g)) =
-                    (self.critic.take(), self.critic_optim.as_mut(), critic_grads)
-                {
-                    self.critic = Some(opt.step(critic_lr, critic, g));
-                }
-                self.opt_step += 1;
-                n_opt += 1;
-            }
-        }
-        marks.push(("update", Instant::now()));
-        let mut last = t0;
-        let phase_seconds = marks
-            .into_iter()
-            .map(|(name, at)| {
-                let d = at.duration_since(last).as_secs_f64();
-                last = at;
-                (name.to_string(), d)
-            })
-            .collect();
-        if fault.is_none() {
-            self.update_kl_coef(kl_mean, lens.len());
-            self.bad_streak = 0;
-        } else {
-            self.bad_streak += 1;
-        }
-        // The step's metrics, as sums over every replica's samples.
-        let summary = Summary::from_verdicts(&verdicts);
-        let think: Vec<f64> = verdicts
-            .iter()
-            .filter(|v| v.stage != Stage::FormatFailure)
-            .map(|v| v.diagnostics.think_words as f64)
-            .collect();
-        let entropies = samples.iter().flat_map(|s| s.entropies.iter());
-        let n = summary.count as f64;
-        let mut tally = vec![
-            n,
-            verdicts.iter().map(|v| v.reward as f64).sum::<f64>(),
-            verdicts.iter().filter(|v| v.format_ok).count() as f64,
-            verdicts.iter().filter(|v| v.correct).count() as f64,
-            generated as f64,
-            think.iter().sum::<f64>(),
-            think.len() as f64,
-            entropies.clone().map(|&e| e as f64).sum::<f64>(),
-            entropies.count() as f64,
-            pl_sum,
-            vl_sum,
-            cf_sum,
-        ];
-        tally.extend(summary.stages.values().map(|&c| c as f64));
-        let t = world.sum::<B::InnerBackend>(&tally, &dev)?;
-        let stages = summary
-            .stages
-            .keys()
-            .cloned()
-            .zip(t[12..].iter().map(|&c| c as usize));
-        let per = |i: usize, by: usize| t[i] / t[by].max(1.0);
-        let n_opt = n_opt.max(1) as f64;
-        let seconds = t0.elapsed().as_secs_f64();
-        let metrics = StepMetrics {
-            step: self.step,
-            epoch: self.epoch,
-            reward_mean: per(1, 0),
-            format_rate: per(2, 0),
-            accuracy: per(3, 0),
-            response_len_mean: per(4, 0),
-            think_len_mean: per(5, 6),
-            kl: kl_mean,
-            kl_coef: self.kl_coef,
-            entropy: per(7, 8),
-            policy_loss: t[9] / n_opt,
-            value_loss: t[10] / n_opt,
-            clip_frac: t[11] / n_opt,
-            explained_var,
-            grad_norm: gn_sum / n_opt,
-            critic_grad_norm: cgn_sum / n_opt,
-            lr,
-            critic_lr,
-            tokens_per_s: t[4] / seconds,
-            seconds,
-            phase_seconds,
-            stages: stages.collect(),
-            eval_accuracy: None,
-            eval_format_rate: None,
-            skipped: fault,
-        };
-        let shown: Vec<serde_json::Value> = (0..samples.len().min(cfg.train.samples_per_step))
-            .map(|i| {
-                serde_json::json!({
-                    "step": self.step,
-                    "id": self.train_items[idx[samples[i].prompt_index]].id,
-                    "gold": self.train_items[idx[samples[i].prompt_index]].answer.to_string(),
-                    "response": texts[i],
-                    "reward": verdicts[i].reward,
-                    "stage": verdicts[i].stage,
-                    "finish_reason": samples[i].finish_reason,
-                })
-            })
-            .collect();
-        self.step += 1;
-        Ok((metrics, shown))
+        let mut clock = PhaseClock::start();
+        let prompts = self.draw_prompts();
+        let samples = self.rollout(&prompts);
+        clock.mark("generate");
+        let scored = self.score(&prompts, &samples)?;
+        let mut exps = scored.experiences;
+        clock.mark("reward");
+        self.reference_and_values(&mut exps);
+        clock.mark("reference_values");
+        let adv = self.advantages(&mut exps)?;
+        clock.mark("advantages");
+        let upd = self.update(&exps, adv.fault.clone())?;
+        clock.mark("update");
+        self.finish_step(&prompts, &samples, scored.verdicts, scored.texts, adv, upd, clock)
     }
 
     /// Adaptive KL controller (Ziegler et al. 2019):
@@ -931,6 +488,36 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.kl_coef = st.kl_coef;
         self.bad_streak = st.bad_streak;
         Ok(())
+    }
+}
+
+/// Wall-clock seconds of a step's phases, each from the end of the one before.
+pub(crate) struct PhaseClock {
+    start: Instant,
+    last: Instant,
+    pub(crate) phases: std::collections::BTreeMap<String, f64>,
+}
+
+impl PhaseClock {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            last: now,
+            phases: Default::default(),
+        }
+    }
+
+    /// Ends phase `name` now.
+    fn mark(&mut self, name: &str) {
+        let now = Instant::now();
+        self.phases
+            .insert(name.into(), now.duration_since(self.last).as_secs_f64());
+        self.last = now;
+    }
+
+    fn total(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
     }
 }
 

@@ -1,0 +1,53 @@
+//! Phase 1 of a PPO step: sample the step's responses.
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+
+use super::Trainer;
+use crate::sampler::{self, Sample, SamplingParams};
+
+/// The prompts of one step on this replica.
+pub(super) struct StepPrompts {
+    /// Indices into the training items.
+    pub items: Vec<usize>,
+    pub tokens: Vec<Vec<u32>>,
+    /// Index of this replica's first prompt among the step's prompts (keys the sampler RNG).
+    pub first: usize,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Every replica draws the same prompts and keeps its shard of them.
+    pub(super) fn draw_prompts(&mut self) -> StepPrompts {
+        let all = self.next_batch(self.cfg.rollout.prompts_per_step);
+        let shard = self.world.shard(all.len());
+        let items = all[shard.clone()].to_vec();
+        let tokens = items
+            .iter()
+            .map(|&i| self.train_prompts[i].clone())
+            .collect();
+        StepPrompts {
+            items,
+            tokens,
+            first: shard.start,
+        }
+    }
+
+    /// `rollout.n` samples per prompt from the current actor, continuously batched
+    /// `rollout.generate_batch` prompts' rows at a time (bounds the KV cache); each prompt's RNG
+    /// is keyed by its index in the step, so neither the batch size nor sharding changes them.
+    pub(super) fn rollout(&self, prompts: &StepPrompts) -> Vec<Sample> {
+        let params = SamplingParams {
+            max_rows: self.cfg.rollout.generate_batch * self.cfg.rollout.n,
+            ..self.sampling()
+        };
+        sampler::generate_from(
+            &self.actor.valid(),
+            &self.model_config,
+            &prompts.tokens,
+            prompts.first,
+            &params,
+            &self.tok,
+            &self.device,
+        )
+    }
+}
