@@ -351,8 +351,7 @@ impl TrainConfig {
         if self.rollout.prompts_per_step == 0 || self.rollout.n == 0 {
             return Err("rollout.prompts_per_step and rollout.n must be positive".into());
         }
-        if p.train_batch == 0 || p.micro_batch == 0 || p.ppo_epochs == 0 || p.forward_tokens == 0
-        {
+        if p.train_batch == 0 || p.micro_batch == 0 || p.ppo_epochs == 0 || p.forward_tokens == 0 {
             return Err(
                 "ppo.train_batch, ppo.micro_batch, ppo.forward_tokens and ppo.ppo_epochs must be \
                  positive"

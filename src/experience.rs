@@ -177,9 +177,9 @@ pub fn token_budget_groups(lens: &[(usize, usize)], budget: usize) -> Vec<Vec<us
     let (mut p, mut r) = (0, 0);
     for i in order {
         let (pi, ri) = lens[i];
-        let fits = groups.last().is_some_and(|g| {
-            (g.len() + 1) * (p.max(pi) + r.max(ri)) <= budget
-        });
+        let fits = groups
+            .last()
+            .is_some_and(|g| (g.len() + 1) * (p.max(pi) + r.max(ri)) <= budget);
         if fits {
             groups.last_mut().expect("a group").push(i);
             (p, r) = (p.max(pi), r.max(ri));

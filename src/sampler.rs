@@ -116,7 +116,6 @@ fn row_rng(seed: u64, prompt: usize, sample: usize) -> StdRng {
     StdRng::seed_from_u64(mix)
 }
 
-
 /// One (prompt, sample) row: its prompt, RNG and output so far.
 struct Row<'a> {
     prompt: &'a [u32],
@@ -395,7 +394,11 @@ fn finish_reason(
     }
     if max_stop > 0 {
         let tail = detok.detokenize(&ids[ids.len().saturating_sub(max_stop + 1)..]);
-        if params.stop_strings.iter().any(|s| tail.contains(s.as_str())) {
+        if params
+            .stop_strings
+            .iter()
+            .any(|s| tail.contains(s.as_str()))
+        {
             return Some(FinishReason::StopString);
         }
     }

@@ -326,7 +326,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         clock.mark("advantages");
         let upd = self.update(&exps, adv.fault.clone())?;
         clock.mark("update");
-        self.finish_step(&prompts, &samples, scored.verdicts, scored.texts, adv, upd, clock)
+        self.finish_step(
+            &prompts,
+            &samples,
+            scored.verdicts,
+            scored.texts,
+            adv,
+            upd,
+            clock,
+        )
     }
 
     /// Adaptive KL controller (Ziegler et al. 2019):

@@ -64,8 +64,12 @@ fn budget_batched_logprobs_and_values_equal_one_at_a_time() {
     let critic = Critic::new(m.clone(), 3, &dev);
     let seqs: Vec<(Vec<u32>, Vec<u32>)> = (0..9u32)
         .map(|i| {
-            let p = (0..2 + (i * 7) % 11).map(|j| (i * 31 + j * 13) % 200 + 1).collect();
-            let r = (0..1 + (i * 5) % 8).map(|j| (i * 17 + j * 3) % 200 + 1).collect();
+            let p = (0..2 + (i * 7) % 11)
+                .map(|j| (i * 31 + j * 13) % 200 + 1)
+                .collect();
+            let r = (0..1 + (i * 5) % 8)
+                .map(|j| (i * 17 + j * 3) % 200 + 1)
+                .collect();
             (p, r)
         })
         .collect();
@@ -74,11 +78,20 @@ fn budget_batched_logprobs_and_values_equal_one_at_a_time() {
     let groups = token_budget_groups(&lens, budget);
     let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
     seen.sort();
-    assert_eq!(seen, (0..seqs.len()).collect::<Vec<_>>(), "every sequence once");
+    assert_eq!(
+        seen,
+        (0..seqs.len()).collect::<Vec<_>>(),
+        "every sequence once"
+    );
     assert!(groups.len() > 1 && groups.len() < seqs.len(), "{groups:?}");
     for g in &groups {
-        let w = g.iter().map(|&i| lens[i].0).max().unwrap() + g.iter().map(|&i| lens[i].1).max().unwrap();
-        assert!(g.len() == 1 || g.len() * w <= budget, "{g:?} pads to {} tokens", g.len() * w);
+        let w = g.iter().map(|&i| lens[i].0).max().unwrap()
+            + g.iter().map(|&i| lens[i].1).max().unwrap();
+        assert!(
+            g.len() == 1 || g.len() * w <= budget,
+            "{g:?} pads to {} tokens",
+            g.len() * w
+        );
     }
     let one = |i: usize| {
         let rows = [(seqs[i].0.as_slice(), seqs[i].1.as_slice())];
@@ -91,7 +104,10 @@ fn budget_batched_logprobs_and_values_equal_one_at_a_time() {
     };
     let mut worst = 0.0f64;
     for g in &groups {
-        let rows: Vec<(&[u32], &[u32])> = g.iter().map(|&i| (seqs[i].0.as_slice(), seqs[i].1.as_slice())).collect();
+        let rows: Vec<(&[u32], &[u32])> = g
+            .iter()
+            .map(|&i| (seqs[i].0.as_slice(), seqs[i].1.as_slice()))
+            .collect();
         let n: Vec<usize> = g.iter().map(|&i| seqs[i].1.len()).collect();
         let b = Batch::new(&rows);
         let lp = ragged(b.logprobs(&m, 4, &dev), &n);

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
+use burn::tensor::{Tensor, TensorData};
 use med_rlvr::cli::continuation_logprobs;
 use med_rlvr::next_token;
 use med_rlvr::sampler::{self, FinishReason, NoDetokenizer, SamplingParams};
 use med_rlvr::tokenizer::Tokenizer;
 use qwen2_burn::{load_qwen2, Qwen2, Qwen2Config};
-use burn::tensor::{Tensor, TensorData};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 type B = NdArray<f32>;
@@ -49,13 +49,25 @@ fn device_greedy_matches_transformers_greedy() {
         let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
         let g: serde_json::Value = serde_json::from_str(&text).unwrap();
         let list = |k: &str| -> Vec<f64> {
-            g["greedy"][k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+            g["greedy"][k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
         };
         let prompt: Vec<u32> = list("prompt_ids").iter().map(|&x| x as u32).collect();
         let want: Vec<u32> = list("output_ids").iter().map(|&x| x as u32).collect();
         let clear = list("margins").iter().take_while(|m| **m > 1e-2).count();
         assert!(clear >= 4, "{name}: too few clear steps ({clear})");
-        let got = sampler::generate(&m, &c, &[prompt], &greedy(want.len()), &NoDetokenizer, &Default::default());
+        let got = sampler::generate(
+            &m,
+            &c,
+            &[prompt],
+            &greedy(want.len()),
+            &NoDetokenizer,
+            &Default::default(),
+        );
         assert_eq!(got[0].output_ids[..clear], want[..clear], "{name}");
     }
 }
@@ -171,8 +183,8 @@ fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution() {
     // The device draws `n` rows of the same logits at once, one host uniform per row.
     let n = 200_000;
     let dev = Default::default();
-    let rows = Tensor::<B, 2>::from_data(TensorData::new(logits.clone(), [1, 8]), &dev)
-        .expand([n, 8]);
+    let rows =
+        Tensor::<B, 2>::from_data(TensorData::new(logits.clone(), [1, 8]), &dev).expand([n, 8]);
     let mut rng = StdRng::seed_from_u64(9);
     let uniforms: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
     for (params, keep) in cases {
@@ -244,7 +256,11 @@ fn continuous_batching_gives_the_samples_of_one_prompt_at_a_time() {
     let (c, m) = load("tied-bf16-sharded");
     let dev = Default::default();
     let many: Vec<Vec<u32>> = (0..7u32)
-        .map(|i| (0..(2 + (i * 5) % 9)).map(|j| (i * 37 + j * 11) % 250 + 1).collect())
+        .map(|i| {
+            (0..(2 + (i * 5) % 9))
+                .map(|j| (i * 37 + j * 11) % 250 + 1)
+                .collect()
+        })
         .collect();
     for temperature in [0.0, 1.0] {
         let params = SamplingParams {
@@ -270,12 +286,22 @@ fn continuous_batching_gives_the_samples_of_one_prompt_at_a_time() {
                 cont.iter().map(|s| s.output_ids.len()).collect();
             assert!(lens.len() > 1, "want ragged lengths, got {lens:?}");
             for (i, prompt) in many.iter().enumerate() {
-                let alone =
-                    sampler::generate_from(&m, &c, std::slice::from_ref(prompt), i, &params, &NoDetokenizer, &dev);
+                let alone = sampler::generate_from(
+                    &m,
+                    &c,
+                    std::slice::from_ref(prompt),
+                    i,
+                    &params,
+                    &NoDetokenizer,
+                    &dev,
+                );
                 for (k, a) in alone.iter().enumerate() {
                     let s = &cont[i * 2 + k];
                     assert_eq!((s.prompt_index, s.sample_index), (i, k));
-                    assert_eq!(s.output_ids, a.output_ids, "T={temperature} rows={max_rows} prompt {i}");
+                    assert_eq!(
+                        s.output_ids, a.output_ids,
+                        "T={temperature} rows={max_rows} prompt {i}"
+                    );
                     assert_eq!(s.finish_reason, a.finish_reason);
                     for (x, y) in s.logprobs.iter().zip(&a.logprobs) {
                         assert!((x - y).abs() < 1e-4, "{x} vs {y}");

@@ -127,7 +127,12 @@ impl<B: Backend> KvCache<B> {
             "a {w}-token prefill does not fit before column {end} of the cache"
         );
         assert_eq!(rows.len(), src.batch(), "one target row per source row");
-        for (dst, from) in self.keys.iter_mut().zip(&src.keys).chain(self.values.iter_mut().zip(&src.values)) {
+        for (dst, from) in self
+            .keys
+            .iter_mut()
+            .zip(&src.keys)
+            .chain(self.values.iter_mut().zip(&src.values))
+        {
             let [_, h, _, d] = from.dims();
             for (k, &r) in rows.iter().enumerate() {
                 let part = from.clone().slice([k..k + 1, 0..h, 0..w, 0..d]);
@@ -139,7 +144,10 @@ impl<B: Backend> KvCache<B> {
         for (k, &r) in rows.iter().enumerate() {
             let row = Tensor::<B, 2, Int>::zeros([1, self.capacity], &device)
                 .bool()
-                .slice_assign([0..1, end - w..end], src.valid.clone().slice([k..k + 1, 0..w]));
+                .slice_assign(
+                    [0..1, end - w..end],
+                    src.valid.clone().slice([k..k + 1, 0..w]),
+                );
             let old = std::mem::replace(&mut self.valid, row.clone());
             self.valid = old.slice_assign([r..r + 1, 0..self.capacity], row);
         }
@@ -149,13 +157,18 @@ impl<B: Backend> KvCache<B> {
     /// capacity. Every row's tokens must lie in those columns: rows are written up to the shared
     /// write position, so a row whose first valid column is at `len − keep` or later loses nothing.
     pub fn keep_last(&mut self, keep: usize) {
-        assert!(keep <= self.len, "cannot keep {keep} of {} columns", self.len);
+        assert!(
+            keep <= self.len,
+            "cannot keep {keep} of {} columns",
+            self.len
+        );
         let from = self.len - keep;
         let device = self.valid.device();
         for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
             let [b, h, c, d] = t.dims();
             let kept = t.clone().slice([0..b, 0..h, from..from + keep, 0..d]);
-            *t = Tensor::zeros([b, h, c, d], &device).slice_assign([0..b, 0..h, 0..keep, 0..d], kept);
+            *t = Tensor::zeros([b, h, c, d], &device)
+                .slice_assign([0..b, 0..h, 0..keep, 0..d], kept);
         }
         let b = self.batch();
         let kept = self.valid.clone().slice([0..b, from..from + keep]);

@@ -77,7 +77,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 r,
             );
             let rewards = adv::token_rewards(&seq_rewards, &kl, &mask, beta_in_reward);
-            let (a, g) = adv::gae(&rewards, &values, &mask, self.cfg.ppo.gamma, self.cfg.ppo.lambda);
+            let (a, g) = adv::gae(
+                &rewards,
+                &values,
+                &mask,
+                self.cfg.ppo.gamma,
+                self.cfg.ppo.lambda,
+            );
             let (_, var_g) = moments(&g)?;
             let (_, var_d) = moments(&adv::residuals(&values, &g))?;
             let ev = adv::explained_variance(var_g, var_d);
