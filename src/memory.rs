@@ -221,9 +221,11 @@ impl MemoryPlan {
             "rollout",
             "rollout.generate_batch",
         );
+        // The next-token choice on the device: logits, log-softmax, probabilities, their product
+        // (entropy), cumulative sums, the comparison with u (top-p adds a sorted copy).
         add(
             "rollout logits and sampling buffers".into(),
-            rows * v * 3,
+            rows * v * 6,
             "rollout",
             "rollout.generate_batch",
         );
