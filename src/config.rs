@@ -72,7 +72,7 @@ pub struct ModelConfig {
     pub memory_limit_gb: Option<f64>,
     /// Storage of the frozen base under LoRA: `f32`, or `bf16` (half the memory; projections
     /// multiply in bf16, activations, adapters, log-probs and losses stay f32). Needs LoRA and a
-    /// backend with bf16 tensors (cuda, wgpu, flex).
+    /// backend with bf16 tensors (cuda, flex; not wgpu: WGSL has no bf16).
     pub base_dtype: BaseDtype,
 }
 

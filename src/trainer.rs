@@ -182,7 +182,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             if !B::supports_dtype(&device, DType::BF16) {
                 bail!(
                     "model.base_dtype = \"bf16\": this backend has no bf16 tensors; build with \
-                     --features cuda (or wgpu, flex), or set model.base_dtype = \"f32\""
+                     --features cuda (or flex; WGSL has no bf16), or set model.base_dtype = \"f32\""
                 );
             }
             base = base.with_base_dtype(FloatDType::BF16);
