@@ -141,6 +141,10 @@ pub struct PpoConfig {
     /// grouped by length into batches of `rows × width ≤ forward_tokens`, independent of
     /// `micro_batch`. Memory only; no effect on the numbers.
     pub forward_tokens: usize,
+    /// Truncated importance sampling against the rollout–trainer mismatch (off when unset): the
+    /// actor's log-probs are recomputed by the trainer's kernels before the update and serve as
+    /// `log π_old`; each token's policy loss is weighted by `min(π_old / π_rollout, cap)`.
+    pub rollout_is_cap: Option<f64>,
     pub eps_low: f64,
     pub eps_high: f64,
     /// Value clip `c` (none: unclipped value loss).
@@ -243,6 +247,7 @@ impl Default for PpoConfig {
             train_batch: 128,
             micro_batch: 8,
             forward_tokens: 8192,
+            rollout_is_cap: None,
             eps_low: 0.2,
             eps_high: 0.2,
             value_clip: Some(0.2),
@@ -357,6 +362,11 @@ impl TrainConfig {
                  positive"
                     .into(),
             );
+        }
+        if let Some(cap) = p.rollout_is_cap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return Err(format!("ppo.rollout_is_cap must be positive, got {cap}"));
+            }
         }
         if !(self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0) {
             return Err(format!(

@@ -15,8 +15,13 @@ pub struct Experience {
     pub prompt_index: usize,
     pub prompt: Vec<u32>,
     pub response: Vec<u32>,
-    /// `log π_old` (from the sampler, proven equal to teacher forcing).
+    /// `log π_rollout`: the sampler's log-probs of the response.
+    pub rollout_logp: Vec<f64>,
+    /// `log π_old` of the PPO ratio: the sampler's, or with `ppo.rollout_is_cap` the trainer's
+    /// own recomputation at the rollout weights.
     pub old_logp: Vec<f64>,
+    /// Truncated importance weights `min(π_old / π_rollout, cap)` (empty when off).
+    pub is_weights: Vec<f64>,
     pub ref_logp: Vec<f64>,
     pub old_values: Vec<f64>,
     pub reward: f64,

@@ -31,8 +31,10 @@ pub fn aggregate<B: Backend>(
 }
 
 /// Clipped surrogate: `ρ = exp(log π − log π_old)` (log-ratio clamped to ±`max_log_ratio` before the
-/// exp), per token `−min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)`, aggregated. Returns the loss and the
-/// clip fraction (share of valid tokens where the clipped branch was taken).
+/// exp), per token `−w·min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)`, aggregated, with `w` the
+/// truncated importance weights ([`truncated_is_weights`], constants) or 1. Returns the loss and
+/// the clip fraction (share of valid tokens where the clipped branch was taken).
+#[allow(clippy::too_many_arguments)]
 pub fn policy_loss<B: Backend>(
     logp: Tensor<B, 2>,
     old_logp: Tensor<B, 2>,
@@ -41,6 +43,7 @@ pub fn policy_loss<B: Backend>(
     eps_low: f64,
     eps_high: f64,
     agg: Aggregation,
+    is_weights: Option<Tensor<B, 2>>,
 ) -> (Tensor<B, 1>, f64) {
     let log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO);
     let ratio = log_ratio.exp();
@@ -49,8 +52,23 @@ pub fn policy_loss<B: Backend>(
     let clipped = surr2.clone().lower(surr1.clone()).float() * mask.clone();
     let clip_frac =
         (clipped.sum().into_scalar_f64()) / mask.clone().sum().into_scalar_f64().max(1.0);
-    let loss = surr1.min_pair(surr2).neg();
+    let mut loss = surr1.min_pair(surr2).neg();
+    if let Some(w) = is_weights {
+        loss = loss * w;
+    }
     (aggregate(loss, mask, agg), clip_frac)
+}
+
+/// Truncated importance sampling (TIS, Yao et al. 2025; verl's `rollout_is`): per token
+/// `w = min(exp(log π_old − log π_rollout), cap)`, where `π_old` is the trainer's log-prob at the
+/// rollout weights and `π_rollout` the sampler's. It corrects the policy gradient for the
+/// sampler and the trainer computing different numbers; `w ≡ 1` when they agree.
+pub fn truncated_is_weights(old_logp: &[f64], rollout_logp: &[f64], cap: f64) -> Vec<f64> {
+    old_logp
+        .iter()
+        .zip(rollout_logp)
+        .map(|(o, r)| (o - r).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp().min(cap))
+        .collect()
 }
 
 /// `log π − log π_old` is clamped to this before `exp` so a stale sample cannot overflow.

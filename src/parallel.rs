@@ -101,6 +101,14 @@ impl World {
             .collect())
     }
 
+    /// The largest of the replicas' `x` (each writes its own slot of a sum).
+    pub fn max<B: Backend>(&self, x: f64, device: &B::Device) -> Result<f64> {
+        let mut slots = vec![0.0; self.size];
+        slots[self.rank] = x;
+        let all = self.sum::<B>(&slots, device)?;
+        Ok(all.into_iter().fold(f64::NEG_INFINITY, f64::max))
+    }
+
     /// Whether `flag` is set on any replica.
     pub fn any<B: Backend>(&self, flag: bool, device: &B::Device) -> Result<bool> {
         Ok(self.sum::<B>(&[flag as u8 as f64], device)?[0] > 0.0)

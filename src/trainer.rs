@@ -67,6 +67,12 @@ pub struct StepMetrics {
     pub critic_lr: f64,
     pub tokens_per_s: f64,
     pub seconds: f64,
+    /// `|log π_update − log π_rollout|` over the first mini-batch's tokens before any optimizer
+    /// step (the sampler's and the trainer's kernels at the same weights): mean and max; and
+    /// the spread (std) of the ratio `π_update / π_rollout` there. 0 when the actor did not train.
+    pub logprob_gap_mean: f64,
+    pub logprob_gap_max: f64,
+    pub rollout_ratio_std: f64,
     /// Wall-clock seconds of the step's phases: `generate`, `reward`, `reference_values`
     /// (reference log-probs and critic values), `advantages`, `update`.
     pub phase_seconds: std::collections::BTreeMap<String, f64>,

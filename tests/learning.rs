@@ -57,6 +57,15 @@ fn ppo_with_lora_raises_mean_reward() {
 }
 
 #[test]
+fn ppo_with_truncated_importance_sampling_raises_mean_reward() {
+    let (start, end) = learns(&["optim.actor_lr=5e-4", "ppo.rollout_is_cap=2.0"]);
+    assert!(
+        end - start >= 0.4,
+        "PPO + TIS: reward {start:.3} -> {end:.3}"
+    );
+}
+
+#[test]
 fn grpo_raises_mean_reward() {
     let (start, end) = learns(&[
         "ppo.estimator=\"grpo\"",

@@ -130,6 +130,7 @@ fn losses_match<B: burn::tensor::backend::AutodiffBackend>(tol: f64) {
             0.2,
             0.2,
             Aggregation::SeqMeanTokenMean,
+            None,
         );
         let want = o["policy_loss_eps0.2"]["loss"].as_f64().unwrap();
         let got = l.clone().into_data().iter::<f64>().next().unwrap();
@@ -253,4 +254,63 @@ fn critic_free_estimators_by_hand() {
         adv::critic_free_advantages(&[1.0, 0.0], 2, &kl, &mask, 0.1, 1.0, Estimator::ReinforcePp);
     let (m, v) = adv::masked_moments(&w, &mask);
     assert!(m.abs() < 1e-12 && (v - 1.0).abs() < 1e-9);
+}
+
+/// Truncated importance sampling on the OpenRLHF fixture: with the sampler's log-probs equal to
+/// the trainer's the weights are 1 and the loss is OpenRLHF's; with `π_old / π_rollout = c` on
+/// every token the loss and its gradient scale by `min(c, cap)`.
+#[test]
+fn truncated_importance_weights_scale_the_openrlhf_policy_loss() {
+    type B = Autodiff<NdArray<f64>>;
+    let dev = Default::default();
+    let f = fixture();
+    for case in f["cases"].as_array().unwrap() {
+        let o = &case["outputs"];
+        let want = o["policy_loss_eps0.2"]["loss"].as_f64().unwrap();
+        let want_grad = grid(&o["policy_loss_eps0.2"]["grad_log_probs"]);
+        let old = grid(&case["old_log_probs"]);
+        for (c, cap, scale) in [
+            (1.0, 2.0, 1.0),
+            (1.5, 2.0, 1.5),
+            (3.0, 2.0, 2.0),
+            (0.25, 2.0, 0.25),
+        ] {
+            // Sampler log-probs with π_old / π_rollout = c everywhere.
+            let rollout: Grid = old
+                .iter()
+                .map(|row| row.iter().map(|x| x - f64::ln(c)).collect())
+                .collect();
+            let w: Grid = old
+                .iter()
+                .zip(&rollout)
+                .map(|(o, r)| loss::truncated_is_weights(o, r, cap))
+                .collect();
+            assert!(w.iter().flatten().all(|x| (x - scale).abs() < 1e-12));
+            let logp = t2::<B>(&grid(&case["log_probs"]), &dev).require_grad();
+            let (l, _) = loss::policy_loss(
+                logp.clone(),
+                t2::<B>(&old, &dev),
+                t2::<B>(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"]), &dev),
+                t2::<B>(&grid(&case["action_mask"]), &dev),
+                0.2,
+                0.2,
+                Aggregation::SeqMeanTokenMean,
+                Some(t2::<B>(&w, &dev)),
+            );
+            let got = l.clone().into_data().iter::<f64>().next().unwrap();
+            assert!(
+                (got - scale * want).abs() < 1e-6,
+                "c={c}: {got} vs {}",
+                scale * want
+            );
+            let g = to_grid::<NdArray<f64>>(logp.grad(&l.backward()).unwrap());
+            let scaled: Grid = want_grad
+                .iter()
+                .map(|row| row.iter().map(|x| x * scale).collect())
+                .collect();
+            assert_close(&g, &scaled, 1e-6, "TIS-weighted grad_log_probs");
+        }
+    }
+    // Huge log-ratios are clamped before the exp, then capped.
+    assert_eq!(loss::truncated_is_weights(&[0.0], &[-1e6], 5.0), vec![5.0]);
 }

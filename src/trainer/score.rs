@@ -17,7 +17,7 @@ pub(super) struct Scored {
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
-    /// Decodes and verifies each sample against its item; `log π_old` is the sampler's.
+    /// Decodes and verifies each sample against its item; `log π_old` starts as the sampler's.
     pub(super) fn score(&self, prompts: &StepPrompts, samples: &[Sample]) -> Result<Scored> {
         let mut verdicts = Vec::with_capacity(samples.len());
         let mut texts = Vec::with_capacity(samples.len());
@@ -39,7 +39,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 prompt_index: s.prompt_index,
                 prompt: prompts.tokens[s.prompt_index].clone(),
                 response: s.output_ids.clone(),
+                rollout_logp: s.logprobs.iter().map(|&x| x as f64).collect(),
                 old_logp: s.logprobs.iter().map(|&x| x as f64).collect(),
+                is_weights: vec![],
                 ref_logp: vec![],
                 old_values: vec![],
                 reward: v.reward as f64,

@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use super::{scalar, Trainer};
 use crate::critic::Critic;
-use crate::experience::{grid_tensor, pad_rows, Batch, Experience};
+use crate::experience::{grid_tensor, pad_rows, ragged, Batch, Experience};
 use crate::loss;
 use crate::optimizer::{clip_global_norm, cosine_lr};
 
@@ -31,6 +31,44 @@ pub(super) struct UpdateStats {
     pub critic_lr: f64,
     /// Why the rest of the update was skipped, if it was.
     pub fault: Option<String>,
+    /// The rollout–trainer log-prob gap over the first mini-batch, before any optimizer step.
+    pub gap: Gap,
+}
+
+/// `d = log π_update − log π_rollout` over valid tokens at the rollout weights: `Σ|d|`, `max|d|`,
+/// the count, and `Σρ`, `Σρ²` of the ratio `ρ = exp(d)` (its spread: `√(E[ρ²] − E[ρ]²)`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Gap {
+    pub abs_sum: f64,
+    pub abs_max: f64,
+    pub count: f64,
+    pub ratio_sum: f64,
+    pub ratio_sq_sum: f64,
+}
+
+impl Gap {
+    fn add(&mut self, update: &[f64], rollout: &[f64]) {
+        for (u, r) in update.iter().zip(rollout) {
+            let d = u - r;
+            let rho = d.exp();
+            self.abs_sum += d.abs();
+            self.abs_max = self.abs_max.max(d.abs());
+            self.count += 1.0;
+            self.ratio_sum += rho;
+            self.ratio_sq_sum += rho * rho;
+        }
+    }
+
+    pub fn mean(&self) -> f64 {
+        self.abs_sum / self.count.max(1.0)
+    }
+
+    pub fn ratio_std(&self) -> f64 {
+        let n = self.count.max(1.0);
+        (self.ratio_sq_sum / n - (self.ratio_sum / n).powi(2))
+            .max(0.0)
+            .sqrt()
+    }
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -60,13 +98,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             fault,
             ..Default::default()
         };
-        'update: for _ in 0..cfg.ppo.ppo_epochs {
+        'update: for epoch in 0..cfg.ppo.ppo_epochs {
             if out.fault.is_some() {
                 break;
             }
             let mut order: Vec<usize> = (0..lens.len()).collect();
             order.shuffle(&mut rng);
-            for train_batch in order.chunks(cfg.ppo.train_batch) {
+            for (mini, train_batch) in order.chunks(cfg.ppo.train_batch).enumerate() {
+                let at_rollout_weights = epoch == 0 && mini == 0;
                 let total_tokens = (train_batch.iter().map(|&i| lens[i]).sum::<f64>()).max(1.0);
                 let mut mine: Vec<usize> = train_batch
                     .iter()
@@ -114,6 +153,14 @@ impl<B: AutodiffBackend> Trainer<B> {
                     };
                     if train_actor {
                         let logp = batch.logprobs(&self.actor, chunk, &self.device);
+                        if at_rollout_weights && !idle {
+                            let lens: Vec<usize> =
+                                mb.iter().map(|&i| exps[i].response.len()).collect();
+                            let update = ragged(logp.clone().detach(), &lens);
+                            for (row, &i) in update.iter().zip(mb) {
+                                out.gap.add(row, &exps[i].rollout_logp);
+                            }
+                        }
                         let (pl, cf) = loss::policy_loss(
                             logp.clone(),
                             take(&|e| &e.old_logp),
@@ -122,6 +169,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                             cfg.ppo.eps_low,
                             cfg.ppo.eps_high,
                             cfg.ppo.loss_agg,
+                            cfg.ppo.rollout_is_cap.map(|_| take(&|e| &e.is_weights)),
                         );
                         let mut total = pl.clone();
                         if inject_nan {
@@ -221,6 +269,20 @@ impl<B: AutodiffBackend> Trainer<B> {
                     (self.critic.take(), self.critic_optim.as_mut(), critic_grads)
                 {
                     self.critic = Some(opt.step(out.critic_lr, critic, g));
+                }
+                if at_rollout_weights {
+                    let g = out.gap;
+                    let s = world.sum::<B::InnerBackend>(
+                        &[g.abs_sum, g.count, g.ratio_sum, g.ratio_sq_sum],
+                        &dev,
+                    )?;
+                    out.gap = Gap {
+                        abs_sum: s[0],
+                        abs_max: world.max::<B::InnerBackend>(g.abs_max, &dev)?,
+                        count: s[1],
+                        ratio_sum: s[2],
+                        ratio_sq_sum: s[3],
+                    };
                 }
                 self.opt_step += 1;
                 out.optimizer_steps += 1;
