@@ -74,6 +74,10 @@ pub struct ModelConfig {
     /// multiply in bf16, activations, adapters, log-probs and losses stay f32). Needs LoRA and a
     /// backend with bf16 tensors (cuda, flex; not wgpu: WGSL has no bf16).
     pub base_dtype: BaseDtype,
+    /// The LM head product over a bf16 base: `f32` (default; the head is cast up while it runs,
+    /// so rollout and update compute the same logits) or `bf16` (faster, less memory; the gap
+    /// between rollout and update log-probs grows, see `logprob_gap_*`).
+    pub logits_dtype: BaseDtype,
 }
 
 /// See [`ModelConfig::base_dtype`].
@@ -205,6 +209,7 @@ impl Default for ModelConfig {
             logprob_chunk: 64,
             memory_limit_gb: None,
             base_dtype: BaseDtype::F32,
+            logits_dtype: BaseDtype::F32,
         }
     }
 }

@@ -66,6 +66,9 @@ pub struct PlanInputs {
     pub logprob_chunk: usize,
     /// Bytes per element of the frozen base (4, or 2 with `model.base_dtype = "bf16"`).
     pub base_bytes: u64,
+    /// A bf16 head multiplied in f32 (`model.logits_dtype = "f32"`): an f32 copy of it exists
+    /// while logits are computed.
+    pub f32_logits_over_bf16: bool,
 }
 
 impl PlanInputs {
@@ -96,6 +99,9 @@ impl PlanInputs {
                 Some(_) => cfg.model.base_dtype.bytes(),
                 None => F32,
             },
+            f32_logits_over_bf16: cfg.lora.spec().is_some()
+                && cfg.model.base_dtype == crate::config::BaseDtype::Bf16
+                && cfg.model.logits_dtype == crate::config::BaseDtype::F32,
         }
     }
 }
@@ -267,6 +273,16 @@ impl MemoryPlan {
             "update",
             "model.logprob_chunk",
         );
+        if p.f32_logits_over_bf16 {
+            for phase in ["rollout", "experience", "update"] {
+                add(
+                    format!("f32 copy of the bf16 LM head while logits run ({phase})"),
+                    v * h,
+                    phase,
+                    "model.logits_dtype = \"bf16\"",
+                );
+            }
+        }
         let sum = |ph: &str| {
             items
                 .iter()

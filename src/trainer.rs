@@ -192,6 +192,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 );
             }
             base = base.with_base_dtype(FloatDType::BF16);
+            base.low_precision_logits = cfg.model.logits_dtype == BaseDtype::Bf16;
         }
         // With LoRA the base weights are frozen and shared (tensor clones share storage): the
         // reference is the base itself, actor and critic each add their own adapters.

@@ -121,6 +121,9 @@ pub struct Qwen2<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     pub rope_theta: f64,
     pub head_dim: usize,
+    /// With a bf16 output head: multiply it in bf16 (true) or cast it up and compute the logits
+    /// in the activations' f32 (false, the default: the same logits for one row or many).
+    pub low_precision_logits: bool,
 }
 
 /// Supplies the tensor called `name` (Hugging Face name and `[out, in]` shape) while a model is
@@ -247,6 +250,7 @@ impl<B: Backend> Qwen2<B> {
             lm_head,
             rope_theta: c.rope_theta,
             head_dim: hd,
+            low_precision_logits: false,
         })
     }
 
@@ -298,17 +302,30 @@ impl<B: Backend> Qwen2<B> {
         self.norm.forward(x)
     }
 
-    /// Vocabulary logits `[b, t, vocab]` from hidden states.
+    /// Vocabulary logits `[b, t, vocab]` from hidden states, in the hidden states' dtype. A head
+    /// stored in bf16 is cast up for the product (an f32 copy of `[vocab, hidden]` while it runs)
+    /// unless `low_precision_logits`, which multiplies in bf16.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = hidden.dtype();
+        let compute = |w: Tensor<B, 2>| match self.low_precision_logits {
+            true => w,
+            false => to_dtype(w, dtype),
+        };
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) if self.low_precision_logits => head.forward(hidden),
+            Some(head) => {
+                // Qwen2's output head has no bias.
+                let [b, t, h] = hidden.dims();
+                let w = compute(head.weight.val());
+                let v = w.dims()[1];
+                hidden.reshape([b * t, h]).matmul(w).reshape([b, t, v])
+            }
             None => {
                 // (E·hᵀ)ᵀ: the [vocab, hidden] embedding is used in its stored layout, so it is
                 // never copied; only the small [hidden, b·t] activations are transposed.
                 let [b, t, h] = hidden.dims();
-                let w = self.embed_tokens.val();
+                let w = compute(self.embed_tokens.val());
                 let v = w.dims()[0];
-                let dtype = hidden.dtype();
                 let ht = to_dtype(hidden.reshape([b * t, h]).transpose(), w.dtype());
                 to_dtype(w.matmul(ht), dtype).transpose().reshape([b, t, v])
             }
