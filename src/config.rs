@@ -75,8 +75,8 @@ pub struct ModelConfig {
     /// backend with bf16 tensors (cuda, flex; not wgpu: WGSL has no bf16).
     pub base_dtype: BaseDtype,
     /// The LM head product over a bf16 base: `f32` (default; the head is cast up while it runs,
-    /// so rollout and update compute the same logits) or `bf16` (faster, less memory; the gap
-    /// between rollout and update log-probs grows, see `logprob_gap_*`).
+    /// so the product adds no bf16 rounding of its own) or `bf16` (faster, less memory). Compare
+    /// the two with the `logprob_gap_*` metrics.
     pub logits_dtype: BaseDtype,
 }
 
