@@ -108,9 +108,10 @@ pub struct PlotArgs {
 
 #[derive(Args, Debug)]
 pub struct SftArgs {
-    #[arg(long)]
+    #[arg(long, default_value_os_t = crate::demo::model_dir())]
     pub model: PathBuf,
-    #[arg(long)]
+    /// Default: the embedded demo task's training file.
+    #[arg(long, default_value_os_t = crate::demo::assets_dir().join("train.jsonl"))]
     pub data: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     pub format: crate::task::DataFormat,
@@ -142,13 +143,14 @@ pub struct SftArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    #[arg(long)]
+    #[arg(long, default_value_os_t = crate::demo::model_dir())]
     pub model: PathBuf,
     /// A LoRA adapter folder (PEFT layout) to apply to --model (merged before generating).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Dataset files; several give one table with a column each.
-    #[arg(long, required = true, num_args = 1..)]
+    /// Default: the embedded demo task's held-out file.
+    #[arg(long, num_args = 1.., default_values_os_t = [crate::demo::assets_dir().join("test.jsonl")])]
     pub data: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     pub format: crate::task::DataFormat,
@@ -268,7 +270,7 @@ pub struct ScoreArgs {
 #[derive(Args, Debug)]
 pub struct LogprobsArgs {
     /// A Hugging Face Qwen2 folder (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    #[arg(long, default_value_os_t = crate::demo::model_dir())]
     pub model: PathBuf,
     #[arg(long)]
     pub prompt: String,
@@ -281,7 +283,7 @@ pub struct LogprobsArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    #[arg(long)]
+    #[arg(long, default_value_os_t = crate::demo::model_dir())]
     pub model: PathBuf,
     /// One prompt (plain text, no template applied).
     #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
@@ -545,6 +547,7 @@ pub fn load_model<B: Backend>(
 }
 
 fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
+    crate::demo::announce_default("model", &a.model);
     let (_config, model, tok) = load_model::<B>(&a.model, device)?;
     let p = tok.encode(&a.prompt)?;
     let c = tok.encode(&a.continuation)?;
@@ -626,6 +629,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 }
 
 fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
+    crate::demo::announce_default("model", &a.model);
     let (config, model, tok) = load_model::<B>(&a.model, device)?;
     let texts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![p.clone()],
@@ -907,6 +911,7 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
 fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     use crate::eval::{self as ev, ScoreSettings};
     use crate::task::{self, LoadOptions};
+    crate::demo::announce_default("model", &a.model);
     let (config, model, tok) = load_model::<B>(&a.model, device)?;
     let model = match &a.adapter {
         Some(dir) => qwen2_burn::load_lora(model, dir, device)?.0.merge_lora(),
@@ -947,6 +952,7 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     );
     let mut reports = Vec::new();
     for path in &a.data {
+        crate::demo::announce_default("data", path);
         let mut ds = task::load(path, a.format, &opts)?;
         if !ds.skipped.is_empty() {
             eprintln!(
@@ -1032,6 +1038,8 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
         none_of_the_above: a.none_of_the_above,
         skip_invalid: a.skip_invalid,
     };
+    crate::demo::announce_default("model", &a.model);
+    crate::demo::announce_default("data", &a.data);
     let ds = crate::task::load(&a.data, a.format, &opts)?;
     let tok = Tokenizer::from_dir(&a.model)?;
     let pairs = sft_pairs(&ds.items, &tok)?;

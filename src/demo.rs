@@ -38,6 +38,18 @@ pub fn assets_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo")
 }
 
+/// The embedded demo model: the default `--model` of `eval`, `generate`, `logprobs` and `sft`.
+pub fn model_dir() -> PathBuf {
+    assets_dir().join("model")
+}
+
+/// Says on stderr when a command runs on the embedded demo model or task (its default).
+pub fn announce_default(what: &str, path: &Path) {
+    if path.starts_with(assets_dir()) {
+        eprintln!("{what}: the embedded demo, {}", path.display());
+    }
+}
+
 pub const FACTS: [(&str, &str); 16] = [
     (
         "crushing chest pain radiating to the left arm",

@@ -23,6 +23,56 @@ fn bootstrap_std_matches_binomial_standard_error() {
     assert_eq!(bootstrap(&o, 1000, 1), bootstrap(&o, 1000, 1));
 }
 
+/// Without `--model` and `--data`, `eval`, `generate` and `logprobs` run on the embedded demo and
+/// say so on stderr.
+#[test]
+fn commands_default_to_the_embedded_demo_and_say_so() {
+    let out = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_med-rlvr"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let dir = out.path().to_str().unwrap();
+    let err = run(&[
+        "eval",
+        "--limit",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        dir,
+    ]);
+    assert!(
+        err.contains("model: the embedded demo") && err.contains("test.jsonl"),
+        "{err}"
+    );
+    assert!(out.path().join("summary.json").exists());
+    let err = run(&[
+        "generate",
+        "--prompt",
+        "A 45-year-old man",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(err.contains("model: the embedded demo"), "{err}");
+    let err = run(&[
+        "logprobs",
+        "--prompt",
+        "A man",
+        "--continuation",
+        " with pain",
+    ]);
+    assert!(err.contains("model: the embedded demo"), "{err}");
+}
+
 #[test]
 fn eval_end_to_end_writes_files_and_the_table_recomputes() {
     let root = env!("CARGO_MANIFEST_DIR");
