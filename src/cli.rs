@@ -448,8 +448,34 @@ fn plan(a: PlanArgs) -> Result<()> {
         print!("{}", plan.render());
     }
     if let Some(gb) = a.limit_gb.or(cfg.model.memory_limit_gb) {
-        plan.check((gb * (1u64 << 30) as f64) as u64)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let limit = (gb * (1u64 << 30) as f64) as u64;
+        // The batch sizes that fit, each with the rest of the config as it is.
+        let peak = |c: &crate::config::TrainConfig| {
+            MemoryPlan::new(&PlanInputs::from_config(
+                c,
+                &geometry,
+                prompt_len,
+                a.devices.max(1),
+            ))
+            .peak
+        };
+        let with = |f: &dyn Fn(&mut crate::config::TrainConfig)| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            peak(&c) <= limit
+        };
+        let show =
+            |x: Option<usize>| x.map_or("none (even 1 does not fit)".into(), |x| x.to_string());
+        let mb = crate::memory::largest_fitting(4096, |m| with(&|c| c.ppo.micro_batch = m));
+        let prompts = cfg.rollout.prompts_per_step / a.devices.max(1);
+        let gb_rows =
+            crate::memory::largest_fitting(prompts, |g| with(&|c| c.rollout.generate_batch = g));
+        eprintln!(
+            "within {gb} GiB: largest ppo.micro_batch {}, largest rollout.generate_batch {} (of {prompts} prompts)",
+            show(mb),
+            show(gb_rows)
+        );
+        plan.check(limit).map_err(|e| anyhow::anyhow!("{e}"))?;
         eprintln!("fits in {gb} GiB");
     }
     Ok(())

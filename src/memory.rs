@@ -355,3 +355,21 @@ impl MemoryPlan {
         ))
     }
 }
+
+/// The largest `x` in `1..=max` with `fits(x)`, for a `fits` that holds up to some point and not
+/// after (as the peak grows with a batch size); `None` when even 1 does not fit.
+pub fn largest_fitting(max: usize, fits: impl Fn(usize) -> bool) -> Option<usize> {
+    if max == 0 || !fits(1) {
+        return None;
+    }
+    let (mut lo, mut hi) = (1, max);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Some(lo)
+}

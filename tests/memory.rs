@@ -217,3 +217,29 @@ fn a_bf16_base_trains_lora_and_is_planned_at_two_bytes() {
         .unwrap();
     assert!(format!("{err:#}").contains("lora.rank"), "{err:#}");
 }
+
+/// `largest_fitting` finds the boundary: the micro-batch it returns fits the limit, one more
+/// does not.
+#[test]
+fn the_largest_micro_batch_that_fits_is_the_boundary() {
+    let cfg = demo(&[]);
+    let geometry = qwen2_burn::Qwen2Config::from_dir(&cfg.model.path).unwrap();
+    let peak = |m: usize| {
+        let mut c = cfg.clone();
+        c.ppo.micro_batch = m;
+        MemoryPlan::new(&PlanInputs::from_config(&c, &geometry, 150, 1)).peak
+    };
+    // Large enough for the update to set the peak on the demo geometry.
+    let limit = (peak(300) + peak(301)) / 2;
+    assert!(
+        peak(300) < peak(301),
+        "the update grows with the micro-batch"
+    );
+    let m = memory::largest_fitting(4096, |m| peak(m) <= limit).unwrap();
+    assert_eq!(m, 300);
+    assert_eq!(
+        memory::largest_fitting(4096, |m| peak(m) <= peak(1) - 1),
+        None
+    );
+    assert_eq!(memory::largest_fitting(4096, |_| true), Some(4096));
+}
