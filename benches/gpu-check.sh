@@ -9,8 +9,8 @@
 #      compiles its kernels at run time with nvrtc and needs $CUDA_PATH/include);
 #   2. parity: `logprobs` of the transformers fixtures (tests/fixtures/qwen2/*) on CUDA against
 #      the reference log-probs;
-#   3. decode throughput of the Qwen2.5-3B geometry (random weights; `bench` runs f32 weights) at
-#      64 and 256 rows against the bandwidth floor and against transformers on the same GPU;
+#   3. decode throughput of the Qwen2.5-3B geometry (random weights, bf16: `bench --dtype bf16`) at
+#      64 and 256 rows against the bandwidth bound and against transformers on the same GPU;
 #   4. one PPO step of the 3B preset on random weights (benches/ppo_step.py): phase_seconds and
 #      peak GPU memory, next to transformers' forward+backward of one micro-batch.
 # On a machine without a GPU it says so in one line and exits with status 2. SMOKE=1 runs only the
@@ -88,10 +88,10 @@ done
 
 # 3. Decode throughput: med-rlvr and transformers on the same GPU.
 [ "$SMOKE" = 1 ] || for rows in 64 256; do
-    timeout 240 "$BIN" bench --config assets/configs/qwen2.5-3b.json --batch $rows --prompt-len 128 \
-        --new-tokens 32 --json > "$OUT/bench-$rows.json" 2> "$OUT/bench-$rows.err"
+    timeout 240 "$BIN" bench --config assets/configs/qwen2.5-3b.json --dtype bf16 --batch $rows \
+        --prompt-len 128 --new-tokens 32 --json > "$OUT/bench-$rows.json" 2> "$OUT/bench-$rows.err"
     timeout 240 python3 benches/torch_reference.py --config assets/configs/qwen2.5-3b.json --batch $rows \
-        --prompt-len 128 --new-tokens 32 --device cuda --dtype float32 \
+        --prompt-len 128 --new-tokens 32 --device cuda --dtype bfloat16 \
         > "$OUT/torch-$rows.json" 2> "$OUT/torch-$rows.err"
 done
 
@@ -116,8 +116,8 @@ for f in sorted(glob.glob("tests/fixtures/qwen2/*/")):
     got = load(os.path.join(out, f"parity-{name}.json"))
     lp = got.get("continuation_logprobs")
     res["parity"][name] = {"max_abs_diff": max(abs(a - b) for a, b in zip(lp, want))} if lp else got
-# 3B geometry: f32 weights (bench) = 4 bytes x 3.09e9; KV: 36 KiB (bf16) per token, x2 in f32.
-weights, kv_per_token = 3.09e9 * 4, 36 * 1024 * 2
+# 3B geometry: bf16 weights = 2 bytes x 3.09e9; our KV cache is f32: 72 KiB per cached token.
+weights, kv_per_token = 3.09e9 * 2, 36 * 1024 * 2
 for rows in (64, 256):
     ours, ref = load(os.path.join(out, f"bench-{rows}.json")), load(os.path.join(out, f"torch-{rows}.json"))
     ctx = 128 + 16
@@ -130,7 +130,7 @@ with open(os.path.join(out, "gpu-check.md"), "w") as md:
     md.write("| fixture | max abs log-prob diff vs transformers |\n|---|---|\n")
     for k, v in res["parity"].items():
         md.write(f"| {k} | {v.get('max_abs_diff', v)} |\n")
-    md.write("\n| rows | med-rlvr decode tok/s | transformers decode tok/s | bandwidth bound: max tok/s at the time floor (f32 weights) |\n|---|---|---|---|\n")
+    md.write("\n| rows | med-rlvr decode tok/s | transformers decode tok/s | bandwidth bound: max tok/s at the time floor (bf16 weights, f32 KV) |\n|---|---|---|---|\n")
     for rows, d in res["decode"].items():
         md.write(f"| {rows} | {d['med_rlvr'].get('decode_tok_s')} | {d['transformers'].get('decode_tok_s')} | {d['bandwidth_floor_tok_s']:.0f} |\n")
     md.write("\nPPO step: " + json.dumps(res["ppo_step"]) + "\n")

@@ -122,7 +122,9 @@ pub fn kernels<B: Backend>(
     }
     let decode_s = t0.elapsed().as_secs_f64();
     let steps_per_s = new_tokens as f64 / decode_s;
-    let weight_bytes = config.num_parameters() as f64 * 4.0;
+    // Bytes of the stored weights (4 in f32, 2 with a bf16 base).
+    let weight_bytes =
+        config.num_parameters() as f64 * model.embed_tokens.val().dtype().size() as f64;
     KernelBench {
         batch,
         prompt_len,

@@ -76,6 +76,13 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
+/// Weight dtype of `bench`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchDtype {
+    F32,
+    Bf16,
+}
+
 #[derive(Args, Debug)]
 pub struct ExportArgs {
     /// A checkpoint folder, a run folder (its latest checkpoint, else its `final/`), or a model
@@ -355,6 +362,10 @@ pub struct BenchArgs {
     /// Rollout: one sampler call per --max-rows rows instead of continuous batching.
     #[arg(long)]
     pub slices: bool,
+    /// Weights in `f32` or `bf16` (embedding and projections stored and multiplied in bf16, as
+    /// `model.base_dtype = "bf16"`; logits and sampling in f32). bf16 needs cuda or flex.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: BenchDtype,
     #[arg(long)]
     pub json: bool,
 }
@@ -724,7 +735,13 @@ fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
         return Ok(());
     }
     let config = Qwen2Config::from_file(a.config.as_deref().context("--config is required")?)?;
-    let model = Qwen2::<B>::init_random(&config, 0, device);
+    let mut model = Qwen2::<B>::init_random(&config, 0, device);
+    if a.dtype == BenchDtype::Bf16 {
+        if !B::supports_dtype(device, burn::tensor::DType::BF16) {
+            bail!("--dtype bf16: this backend has no bf16 tensors; build with --features cuda or flex");
+        }
+        model = model.with_base_dtype(burn::tensor::FloatDType::BF16);
+    }
     let line = if a.rollout {
         serde_json::to_value(crate::bench::rollout(
             &config,
