@@ -61,32 +61,30 @@ pub fn generate_and_score<B: Backend>(
         ..params.clone()
     };
     let samples = sampler::generate(model, config, &prompts, &params, tok, device);
-    {
-        for s in samples {
-            let item = &items[s.prompt_index];
-            let response = tok.decode(&s.output_ids);
-            let verdict = match style {
-                PromptStyle::R1 => verifier::verify(
-                    &response,
-                    item.answer,
-                    item.num_options(),
-                    Some(item.gold_text()),
-                    vcfg,
-                ),
-                PromptStyle::Direct => {
-                    verifier::verify_direct(&response, item.answer, item.num_options())
-                }
-            };
-            out.push(Generation {
-                id: item.id.clone(),
-                category: item.category.clone(),
-                gold: item.answer,
-                sample_index: s.sample_index,
-                response_tokens: s.output_ids.len(),
-                response,
-                verdict,
-            });
-        }
+    for s in samples {
+        let item = &items[s.prompt_index];
+        let response = tok.decode(&s.output_ids);
+        let verdict = match style {
+            PromptStyle::R1 => verifier::verify(
+                &response,
+                item.answer,
+                item.num_options(),
+                Some(item.gold_text()),
+                vcfg,
+            ),
+            PromptStyle::Direct => {
+                verifier::verify_direct(&response, item.answer, item.num_options())
+            }
+        };
+        out.push(Generation {
+            id: item.id.clone(),
+            category: item.category.clone(),
+            gold: item.answer,
+            sample_index: s.sample_index,
+            response_tokens: s.output_ids.len(),
+            response,
+            verdict,
+        });
     }
     Ok(out)
 }

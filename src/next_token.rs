@@ -50,14 +50,14 @@ pub fn choose<B: Backend>(
     let log_pi = activation::log_softmax(z.clone(), 1);
     let pi = log_pi.clone().exp();
     let entropy = (pi.clone() * log_pi.clone()).sum_dim(1).neg();
+    // `log q` of the chosen ids; `None` where q is π itself (plain sampling).
     let (ids, log_q) = if params.temperature <= 0.0 {
-        (z.argmax(1), Tensor::zeros([rows, 1], &device))
+        (z.argmax(1), Some(Tensor::zeros([rows, 1], &device)))
     } else {
         assert_eq!(uniforms.len(), rows, "one uniform per row");
         let u = Tensor::<B, 2>::from_data(TensorData::new(uniforms.to_vec(), [rows, 1]), &device);
         if is_plain(params, vocab) {
-            let ids = inverse_cdf(pi, u);
-            (ids.clone(), log_pi.clone().gather(1, ids))
+            (inverse_cdf(pi, u), None)
         } else {
             let scaled = z.div_scalar(params.temperature as f64);
             let (top, order) = if params.top_k > 0 && params.top_k < vocab {
@@ -78,10 +78,11 @@ pub fn choose<B: Backend>(
             let pos = inverse_cdf(q.clone(), u);
             let mass = q.clone().sum_dim(1);
             let log_q = (q.gather(1, pos.clone()) / mass).log();
-            (order.gather(1, pos), log_q)
+            (order.gather(1, pos), Some(log_q))
         }
     };
     let log_pi = log_pi.gather(1, ids.clone());
+    let log_q = log_q.unwrap_or_else(|| log_pi.clone());
     let stats = Tensor::cat(vec![log_pi, log_q, entropy], 1).into_data();
     let ids = ids.into_data();
     let bytes_read = stats.as_bytes().len() + ids.as_bytes().len();

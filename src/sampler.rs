@@ -14,9 +14,9 @@ use std::collections::VecDeque;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use qwen2_burn::{KvCache, Qwen2, Qwen2Config};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 use crate::next_token;
-use serde::{Deserialize, Serialize};
 
 /// How to sample.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

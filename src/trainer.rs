@@ -329,9 +329,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         clock.mark("reward");
         self.reference_and_values(&mut exps);
         clock.mark("reference_values");
-        let adv = self.advantages(&mut exps)?;
+        let mut adv = self.advantages(&mut exps)?;
         clock.mark("advantages");
-        let upd = self.update(&exps, adv.fault.clone())?;
+        let upd = self.update(&exps, adv.fault.take())?;
         clock.mark("update");
         self.finish_step(
             &prompts,
@@ -507,10 +507,10 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 /// Wall-clock seconds of a step's phases, each from the end of the one before.
-pub(crate) struct PhaseClock {
+struct PhaseClock {
     start: Instant,
     last: Instant,
-    pub(crate) phases: std::collections::BTreeMap<String, f64>,
+    phases: std::collections::BTreeMap<String, f64>,
 }
 
 impl PhaseClock {

@@ -10,7 +10,7 @@ use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
 use crate::config::Qwen2Config;
-use crate::linear::{to_dtype, Linear};
+use crate::linear::{mixed_matmul, to_dtype, Linear};
 use crate::rope::{apply_rope, rope_tables};
 
 /// Value written into masked attention scores (finite, so a fully masked padding row gives a
@@ -122,7 +122,7 @@ pub struct Qwen2<B: Backend> {
     pub rope_theta: f64,
     pub head_dim: usize,
     /// With a bf16 output head: multiply it in bf16 (true) or cast it up and compute the logits
-    /// in the activations' f32 (false, the default: the same logits for one row or many).
+    /// in the activations' f32 (false, the default: the head product adds no bf16 rounding).
     pub low_precision_logits: bool,
 }
 
@@ -306,25 +306,24 @@ impl<B: Backend> Qwen2<B> {
     /// stored in bf16 is cast up for the product (an f32 copy of `[vocab, hidden]` while it runs)
     /// unless `low_precision_logits`, which multiplies in bf16.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, h] = hidden.dims();
         let dtype = hidden.dtype();
-        let compute = |w: Tensor<B, 2>| match self.low_precision_logits {
+        // The head in the dtype the product runs in.
+        let head = |w: Tensor<B, 2>| match self.low_precision_logits {
             true => w,
             false => to_dtype(w, dtype),
         };
         match &self.lm_head {
-            Some(head) if self.low_precision_logits => head.forward(hidden),
-            Some(head) => {
-                // Qwen2's output head has no bias.
-                let [b, t, h] = hidden.dims();
-                let w = compute(head.weight.val());
+            // `[hidden, vocab]`; Qwen2's output head has no bias.
+            Some(lin) => {
+                let w = head(lin.weight.val());
                 let v = w.dims()[1];
-                hidden.reshape([b * t, h]).matmul(w).reshape([b, t, v])
+                mixed_matmul(hidden.reshape([b * t, h]), w).reshape([b, t, v])
             }
             None => {
                 // (E·hᵀ)ᵀ: the [vocab, hidden] embedding is used in its stored layout, so it is
                 // never copied; only the small [hidden, b·t] activations are transposed.
-                let [b, t, h] = hidden.dims();
-                let w = compute(self.embed_tokens.val());
+                let w = head(self.embed_tokens.val());
                 let v = w.dims()[0];
                 let ht = to_dtype(hidden.reshape([b * t, h]).transpose(), w.dtype());
                 to_dtype(w.matmul(ht), dtype).transpose().reshape([b, t, v])
