@@ -78,6 +78,11 @@ pub struct ModelConfig {
     /// so the product adds no bf16 rounding of its own) or `bf16` (faster, less memory). Compare
     /// the two with the `logprob_gap_*` metrics.
     pub logits_dtype: BaseDtype,
+    /// Recompute activations during training instead of keeping them: the update's forward keeps
+    /// only each decoder layer's input and the backward re-runs one layer (and one log-prob
+    /// chunk of the LM head) at a time. Same gradients, one more forward; the update's memory
+    /// falls from all layers' activations to one layer's (see `med-rlvr plan`).
+    pub recompute: bool,
 }
 
 /// See [`ModelConfig::base_dtype`].
@@ -210,6 +215,7 @@ impl Default for ModelConfig {
             memory_limit_gb: None,
             base_dtype: BaseDtype::F32,
             logits_dtype: BaseDtype::F32,
+            recompute: true,
         }
     }
 }

@@ -3,7 +3,10 @@
 //! (width R)]`; the hidden state at column `P − 1 + j` predicts response token `j`, and the critic's
 //! value there is `V_j` (the state in which token `j` is chosen).
 
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use qwen2_burn::Qwen2;
 
 use crate::advantages::Grid;
@@ -137,9 +140,113 @@ impl Batch {
             .slice([0..self.b, self.p - 1..self.p - 1 + self.r])
     }
 
+    /// `[b, r]` log-probs for training, as [`Batch::logprobs`] computes them; with `recompute`
+    /// by layer-by-layer recomputation (see `qwen2_burn::recompute`): the output is a leaf and
+    /// [`Trainable::param_grads`] re-runs the LM head chunk by chunk, then the layers one by one.
+    pub fn train_logprobs<'a, B: AutodiffBackend>(
+        &self,
+        model: &'a Qwen2<B>,
+        chunk: usize,
+        recompute: bool,
+        device: &B::Device,
+    ) -> Trainable<'a, B> {
+        if !recompute {
+            return Trainable::graph(self.logprobs(model, chunk, device), model);
+        }
+        let (tokens, positions, valid) = self.inputs::<B>(device);
+        let (h, ckpt) = model.hidden_checkpointed(tokens, positions, valid);
+        let [b, t, d] = h.dims();
+        let cols = self.p - 1..self.p - 1 + self.r;
+        let h = h.slice([0..b, cols.clone(), 0..d]);
+        let targets = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(self.targets.clone(), [self.b, self.r]),
+            device,
+        );
+        let logp = Qwen2::<B::InnerBackend>::token_logprobs(
+            &model.valid(),
+            h.clone(),
+            targets.clone().inner(),
+            chunk,
+        );
+        let leaf = Tensor::from_inner(logp).require_grad();
+        let out = leaf.clone();
+        Trainable {
+            output: out,
+            to_params: Box::new(move |mut grads| {
+                let Some(dlogp) = leaf.grad_remove(&mut grads) else {
+                    return GradientsParams::new();
+                };
+                let (head, dh_resp) = model.token_logprobs_backward(h, targets, dlogp, chunk);
+                let dh = Tensor::zeros([b, t, d], &dh_resp.device())
+                    .slice_assign([0..b, cols, 0..d], dh_resp);
+                let mut acc = GradientsAccumulator::<Qwen2<B>>::new();
+                acc.accumulate(model, head);
+                acc.accumulate(model, model.backward_checkpointed(ckpt, dh));
+                acc.grads()
+            }),
+        }
+    }
+
+    /// Critic values `[b, r]` for training, as [`Batch::values`] computes them; with `recompute`
+    /// the backbone is recomputed layer by layer (the value head runs under autodiff on a leaf of
+    /// the final hidden states).
+    pub fn train_values<'a, B: AutodiffBackend>(
+        &self,
+        critic: &'a Critic<B>,
+        recompute: bool,
+        device: &B::Device,
+    ) -> Trainable<'a, B> {
+        if !recompute {
+            return Trainable::graph(self.values(critic, device), critic);
+        }
+        let (tokens, positions, valid) = self.inputs::<B>(device);
+        let (h, ckpt) = critic
+            .backbone
+            .hidden_checkpointed(tokens, positions, valid);
+        let leaf = Tensor::<B, 3>::from_inner(h).require_grad();
+        let values = critic
+            .value_head
+            .forward(leaf.clone())
+            .squeeze_dim::<2>(2)
+            .slice([0..self.b, self.p - 1..self.p - 1 + self.r]);
+        Trainable {
+            output: values,
+            to_params: Box::new(move |mut grads| {
+                let mut acc = GradientsAccumulator::<Critic<B>>::new();
+                if let Some(dh) = leaf.grad_remove(&mut grads) {
+                    acc.accumulate(critic, critic.backbone.backward_checkpointed(ckpt, dh));
+                }
+                acc.accumulate(critic, GradientsParams::from_grads(grads, critic));
+                acc.grads()
+            }),
+        }
+    }
+
     /// The response mask as a tensor.
     pub fn mask_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
         grid_tensor(&self.mask, device)
+    }
+}
+
+/// A model output `[b, r]` under training and the way from a loss's gradients to the model's
+/// parameter gradients: read from the graph, or produced by recomputation.
+pub struct Trainable<'a, B: AutodiffBackend> {
+    pub output: Tensor<B, 2>,
+    to_params: Box<dyn FnOnce(B::Gradients) -> GradientsParams + 'a>,
+}
+
+impl<'a, B: AutodiffBackend> Trainable<'a, B> {
+    /// An output whose whole graph was kept: the parameter gradients are read from it.
+    fn graph<M: AutodiffModule<B>>(output: Tensor<B, 2>, module: &'a M) -> Self {
+        Self {
+            output,
+            to_params: Box::new(move |grads| GradientsParams::from_grads(grads, module)),
+        }
+    }
+
+    /// The parameter gradients of a loss on [`Trainable::output`], given `loss.backward()`.
+    pub fn param_grads(self, grads: B::Gradients) -> GradientsParams {
+        (self.to_params)(grads)
     }
 }
 

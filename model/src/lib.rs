@@ -7,6 +7,7 @@ pub mod error;
 pub mod linear;
 pub mod lora;
 pub mod model;
+pub mod recompute;
 pub mod rope;
 pub mod weights;
 
@@ -15,4 +16,5 @@ pub use config::Qwen2Config;
 pub use error::{ModelError, Result};
 pub use lora::{load_lora, save_lora, LoraSpec};
 pub use model::{log_softmax_gather, Qwen2, TensorSource};
+pub use recompute::{vjp, Checkpoints};
 pub use weights::{hf_tensors, load_qwen2, read_safetensors, save_qwen2, SaveDtype};

@@ -95,7 +95,7 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &(Tensor<B, 4>, Tensor<B, 4>),
@@ -271,27 +271,14 @@ impl<B: Backend> Qwen2<B> {
         valid: Tensor<B, 2, Bool>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let [b, t] = tokens.dims();
-        let device = tokens.device();
+        let t = tokens.dims()[1];
         let past = cache.as_ref().map_or(0, |c| c.len());
         let key_valid = match cache.as_mut() {
             Some(c) => c.push_valid(valid),
             None => valid,
         };
-        let rep = self
-            .layers
-            .first()
-            .map_or(1, |l| l.self_attn.n_heads / l.self_attn.n_kv_heads);
-        let mask = attention_mask(key_valid, past, t, rep, &device);
-        let rope = rope_tables(positions, self.head_dim, self.rope_theta);
-        let hidden = self.embed_tokens.dims()[1];
-        // Activations are in the norms' dtype (f32), whatever the embedding is stored in.
-        let mut x = self
-            .embed_tokens
-            .val()
-            .select(0, tokens.reshape([b * t]))
-            .reshape([b, t, hidden]);
-        x = to_dtype(x, self.norm.gamma.dtype());
+        let (rope, mask) = self.context(positions, key_valid, past, t);
+        let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(x, &rope, &mask, layer_cache);
@@ -300,6 +287,37 @@ impl<B: Backend> Qwen2<B> {
             c.advance(t);
         }
         self.norm.forward(x)
+    }
+
+    /// Input embeddings `[b, t, hidden]` of `tokens: [b, t]`, in the norms' dtype (f32) whatever
+    /// the embedding is stored in.
+    pub(crate) fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = tokens.dims();
+        let hidden = self.embed_tokens.dims()[1];
+        let x = self
+            .embed_tokens
+            .val()
+            .select(0, tokens.reshape([b * t]))
+            .reshape([b, t, hidden]);
+        to_dtype(x, self.norm.gamma.dtype())
+    }
+
+    /// The rotary tables for `positions: [b, t]` and the attention mask of `t` queries after
+    /// `past` cached keys, `key_valid: [b, past + t]`.
+    pub(crate) fn context(
+        &self,
+        positions: Tensor<B, 2, Int>,
+        key_valid: Tensor<B, 2, Bool>,
+        past: usize,
+        t: usize,
+    ) -> ((Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4, Bool>) {
+        let rep = self
+            .layers
+            .first()
+            .map_or(1, |l| l.self_attn.n_heads / l.self_attn.n_kv_heads);
+        let device = positions.device();
+        let mask = attention_mask(key_valid, past, t, rep, &device);
+        (rope_tables(positions, self.head_dim, self.rope_theta), mask)
     }
 
     /// Vocabulary logits `[b, t, vocab]` from hidden states, in the hidden states' dtype. A head
@@ -346,17 +364,23 @@ impl<B: Backend> Qwen2<B> {
         let mut start = 0;
         while start < t {
             let end = (start + chunk).min(t);
-            let z = self
-                .logits(hidden.clone().slice([0..b, start..end, 0..h]))
-                .cast(DType::F32);
-            let tgt = targets
-                .clone()
-                .slice([0..b, start..end])
-                .unsqueeze_dim::<3>(2);
-            parts.push(log_softmax_gather(z, tgt));
+            parts.push(self.logprobs_of(
+                hidden.clone().slice([0..b, start..end, 0..h]),
+                targets.clone().slice([0..b, start..end]),
+            ));
             start = end;
         }
         Tensor::cat(parts, 1)
+    }
+
+    /// `log p(targets)` `[b, t]` from hidden states `[b, t, hidden]` in one piece (f32).
+    pub(crate) fn logprobs_of(
+        &self,
+        hidden: Tensor<B, 3>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 2> {
+        let z = self.logits(hidden).cast(DType::F32);
+        log_softmax_gather(z, targets.unsqueeze_dim::<3>(2))
     }
 
     pub fn num_layers(&self) -> usize {

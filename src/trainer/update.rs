@@ -3,7 +3,7 @@
 //! clipping, AdamW on the cosine schedule. The losses are in `crate::loss`.
 
 use anyhow::Result;
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use qwen2_burn::Qwen2;
 use rand::seq::SliceRandom;
@@ -152,7 +152,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                         }
                     };
                     if train_actor {
-                        let logp = batch.logprobs(&self.actor, chunk, &self.device);
+                        let trainable = batch.train_logprobs(
+                            &self.actor,
+                            chunk,
+                            cfg.model.recompute,
+                            &self.device,
+                        );
+                        let logp = trainable.output.clone();
                         if at_rollout_weights && !idle {
                             let lens: Vec<usize> =
                                 mb.iter().map(|&i| exps[i].response.len()).collect();
@@ -193,15 +199,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                         out.policy_loss += scalar(pl) * weight;
                         out.clip_frac += cf * weight;
                         let grads = total.mul_scalar(weight).backward();
-                        acc_actor.accumulate(
-                            &self.actor,
-                            GradientsParams::from_grads(grads, &self.actor),
-                        );
+                        acc_actor.accumulate(&self.actor, trainable.param_grads(grads));
                     }
                     if let Some(critic) = &self.critic {
-                        let v = batch.values(critic, &self.device);
+                        let trainable = batch.train_values(critic, cfg.model.recompute, &dev);
                         let vl = loss::value_loss(
-                            v,
+                            trainable.output.clone(),
                             take(&|e| &e.old_values),
                             take(&|e| &e.returns),
                             m,
@@ -215,7 +218,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                         }
                         out.value_loss += vl_value * weight;
                         let grads = vl.mul_scalar(weight).backward();
-                        acc_critic.accumulate(critic, GradientsParams::from_grads(grads, critic));
+                        acc_critic.accumulate(critic, trainable.param_grads(grads));
                     }
                 }
                 // Every replica learns of a fault on any of them before reducing gradients.
