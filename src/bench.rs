@@ -1,10 +1,11 @@
 //! `med-rlvr bench`: prefill and decode throughput of a model geometry with random weights, and
-//! the rollout throughput of the sampler. `benches/torch_reference.py` measures transformers on
+//! the rollout throughput of the sampler, and the memory of one training update against the plan. `benches/torch_reference.py` measures transformers on
 //! the same geometry and prints the same JSON, so the two can be compared side by side.
 
 use std::time::Instant;
 
-use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
 use qwen2_burn::{KvCache, Qwen2, Qwen2Config};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
@@ -315,4 +316,135 @@ pub fn verifier(count: usize, seed: u64) -> VerifierBench {
         reward_counts: counts,
         other_rewards: other,
     }
+}
+
+/// One PPO update of one micro-batch and the resident memory it took, next to the plan.
+#[derive(Debug, Serialize)]
+pub struct UpdateBench {
+    pub micro_batch: usize,
+    pub prompt_len: usize,
+    pub response_len: usize,
+    pub layers: usize,
+    pub lora_rank: usize,
+    pub logprob_chunk: usize,
+    pub recompute: bool,
+    pub seconds: f64,
+    /// Resident bytes before the update (weights, inputs) and at its peak.
+    pub rss_before: u64,
+    pub rss_peak: u64,
+    /// `rss_peak − rss_before`: what the update's forward and backward held at once.
+    pub measured_bytes: u64,
+    /// The plan's update phase (`med-rlvr plan`) for the same geometry and batch.
+    pub planned_bytes: u64,
+    /// `planned / measured`.
+    pub plan_over_measured: f64,
+}
+
+/// Resident and peak resident bytes of this process (`VmRSS`, `VmHWM` of /proc/self/status).
+fn resident() -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| {
+        anyhow::anyhow!("/proc/self/status: {e} (bench --update measures memory on Linux only)")
+    })?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .ok_or_else(|| anyhow::anyhow!("/proc/self/status: no {name} line"))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("/proc/self/status: {name} {e}"))?;
+        Ok(kb * 1024)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// A training forward and backward of the actor's PPO loss on `batch` random sequences of
+/// `prompt_len + response_len` tokens (LoRA adapters on a frozen f32 base, so the gradients are
+/// small and the memory measured is the activations'), in a fresh process: the peak resident
+/// memory is reset (`/proc/self/clear_refs`) after the weights and inputs exist.
+pub fn update<B: AutodiffBackend>(
+    config: &Qwen2Config,
+    model: &Qwen2<B>,
+    lora: &qwen2_burn::LoraSpec,
+    batch: usize,
+    prompt_len: usize,
+    response_len: usize,
+    chunk: usize,
+    recompute: bool,
+    device: &B::Device,
+) -> anyhow::Result<UpdateBench> {
+    use crate::experience::Batch;
+    use crate::loss::{policy_loss, Aggregation};
+    let prompts = random_prompts(batch, prompt_len, config.vocab_size, 7);
+    let responses = random_prompts(batch, response_len, config.vocab_size, 8);
+    let rows: Vec<(&[u32], &[u32])> = prompts
+        .iter()
+        .zip(&responses)
+        .map(|(p, r)| (p.as_slice(), r.as_slice()))
+        .collect();
+    let b = Batch::new(&rows);
+    let mask = b.mask_tensor::<B>(device);
+    let advantages = Tensor::<B, 2>::from_data(
+        TensorData::new(
+            (0..batch * response_len)
+                .map(|i| ((i as f32) * 0.37).sin())
+                .collect::<Vec<f32>>(),
+            [batch, response_len],
+        ),
+        device,
+    );
+    std::fs::write("/proc/self/clear_refs", "5")
+        .map_err(|e| anyhow::anyhow!("/proc/self/clear_refs: {e} (cannot reset the peak)"))?;
+    let (before, _) = resident()?;
+    let t0 = Instant::now();
+    let trainable = b.train_logprobs(model, chunk, recompute, device);
+    let logp = trainable.output.clone();
+    let (loss, _) = policy_loss(
+        logp.clone(),
+        logp.detach(),
+        advantages,
+        mask,
+        0.2,
+        0.2,
+        Aggregation::TokenMean,
+        None,
+    );
+    let grads = trainable.param_grads(loss.backward());
+    drop(grads);
+    let seconds = t0.elapsed().as_secs_f64();
+    let (_, peak) = resident()?;
+    let plan = crate::memory::MemoryPlan::new(&crate::memory::PlanInputs {
+        model: config.clone(),
+        lora: Some(lora.clone()),
+        critic: false,
+        rollout_rows: 1,
+        refills: false,
+        forward_tokens: batch * (prompt_len + response_len),
+        prompt_len,
+        max_new_tokens: response_len,
+        micro_batch: batch,
+        logprob_chunk: chunk,
+        recompute,
+        base_bytes: 4,
+        f32_logits_over_bf16: false,
+    });
+    let measured = peak.saturating_sub(before);
+    Ok(UpdateBench {
+        micro_batch: batch,
+        prompt_len,
+        response_len,
+        layers: config.num_hidden_layers,
+        lora_rank: lora.rank,
+        logprob_chunk: chunk,
+        recompute,
+        seconds,
+        rss_before: before,
+        rss_peak: peak,
+        measured_bytes: measured,
+        planned_bytes: plan.update,
+        plan_over_measured: plan.update as f64 / measured.max(1) as f64,
+    })
 }

@@ -366,6 +366,23 @@ pub struct BenchArgs {
     /// `model.base_dtype = "bf16"`; logits and sampling in f32). bf16 needs cuda or flex.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: BenchDtype,
+    /// Update mode: one forward and backward of the PPO loss on `--batch` sequences of
+    /// `--prompt-len` + `--new-tokens` tokens (LoRA on a frozen base); prints the resident memory
+    /// it took next to `med-rlvr plan`'s update phase. Run once per process (Linux).
+    #[arg(long)]
+    pub update: bool,
+    /// Update: keep every activation (no layer-by-layer recomputation).
+    #[arg(long)]
+    pub no_recompute: bool,
+    /// Update: use only the first N decoder layers of the geometry.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Update: LoRA rank on every projection.
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Update: log-prob chunk (`model.logprob_chunk`).
+    #[arg(long, default_value_t = 64)]
+    pub chunk: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -387,7 +404,7 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
     match cli.command {
         Command::Logprobs(a) => logprobs::<B::InnerBackend>(a, &device),
         Command::Generate(a) => generate::<B::InnerBackend>(a, &device),
-        Command::Bench(a) => bench::<B::InnerBackend>(a, &device),
+        Command::Bench(a) => bench::<B>(a, &device),
         Command::Score(a) => score(a),
         Command::Train(a) => train::<B>(a, device),
         Command::DemoAssets(a) => crate::demo::build::<B>(&a.out, a.seed, a.sft_epochs, &device),
@@ -726,7 +743,8 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
+fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
+    type B<A> = <A as AutodiffBackend>::InnerBackend;
     if let Some(count) = a.verifier {
         println!(
             "{}",
@@ -734,10 +752,44 @@ fn bench<B: Backend>(a: BenchArgs, device: &B::Device) -> Result<()> {
         );
         return Ok(());
     }
-    let config = Qwen2Config::from_file(a.config.as_deref().context("--config is required")?)?;
-    let mut model = Qwen2::<B>::init_random(&config, 0, device);
+    let mut config = Qwen2Config::from_file(a.config.as_deref().context("--config is required")?)?;
+    if let Some(n) = a.layers {
+        config.num_hidden_layers = n;
+    }
+    if a.update {
+        let spec = qwen2_burn::LoraSpec {
+            rank: a.lora_rank,
+            alpha: 2.0 * a.lora_rank as f64,
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        let model = Qwen2::<A>::init_random(&config, 0, device).with_lora(&spec, 0, device);
+        let line = crate::bench::update(
+            &config,
+            &model,
+            &spec,
+            a.batch,
+            a.prompt_len,
+            a.new_tokens,
+            a.chunk,
+            !a.no_recompute,
+            device,
+        )?;
+        println!("{}", serde_json::to_string(&line)?);
+        return Ok(());
+    }
+    let mut model = Qwen2::<B<A>>::init_random(&config, 0, device);
     if a.dtype == BenchDtype::Bf16 {
-        if !B::supports_dtype(device, burn::tensor::DType::BF16) {
+        if !B::<A>::supports_dtype(device, burn::tensor::DType::BF16) {
             bail!("--dtype bf16: this backend has no bf16 tensors; build with --features cuda or flex");
         }
         model = model.with_base_dtype(burn::tensor::FloatDType::BF16);

@@ -9,9 +9,13 @@
 //! fine-tuning: actor and critic backbones), adapters, value head, gradients (one per trainable
 //! float) and AdamW's two moments. Transient, whichever phase is larger: the rollout (KV cache
 //! `2·L·rows·(P+N)·kv_heads·head_dim`, one layer's prefill attention `rows·heads·P²·2`, logits
-//! and sampling buffers `rows·V·3`) or the update of one micro-batch (saved activations, about
-//! `T·(10·H + 4·I)` floats per layer for `T` tokens plus `mb·heads·S²·3` for attention, and the
-//! log-prob chunk's logits `mb·chunk·V·3`; an estimate, not a measurement).
+//! and sampling buffers `rows·V·3`), the no-grad reference/critic passes, or the update of one
+//! micro-batch of `T` tokens. The update with `model.recompute` (default) keeps `(L + 3)·T·H`
+//! floats (each layer's input, the final hidden states and their gradient) plus one layer's
+//! saved activations (`T·(10·H + 4·I)` + `mb·heads·S²·3` for attention) or one log-prob chunk's
+//! logits (`mb·chunk·V·2`), whichever is larger; without it, every layer's activations and the
+//! logits of every response position. Estimates, checked against measured resident memory by
+//! `med-rlvr bench --update` (benches/RESULTS.md).
 
 use qwen2_burn::{LoraSpec, Qwen2Config};
 use serde::Serialize;
@@ -64,6 +68,8 @@ pub struct PlanInputs {
     pub max_new_tokens: usize,
     pub micro_batch: usize,
     pub logprob_chunk: usize,
+    /// Layer-by-layer recomputation in the update (`model.recompute`).
+    pub recompute: bool,
     /// Bytes per element of the frozen base (4, or 2 with `model.base_dtype = "bf16"`).
     pub base_bytes: u64,
     /// A bf16 head multiplied in f32 (`model.logits_dtype = "f32"`): an f32 copy of it exists
@@ -95,6 +101,7 @@ impl PlanInputs {
             max_new_tokens: cfg.rollout.max_new_tokens,
             micro_batch: cfg.ppo.micro_batch,
             logprob_chunk: cfg.model.logprob_chunk,
+            recompute: cfg.model.recompute,
             base_bytes: match cfg.lora.spec() {
                 Some(_) => cfg.model.base_dtype.bytes(),
                 None => F32,
@@ -250,7 +257,7 @@ impl MemoryPlan {
         );
         let (mb, s) = (p.micro_batch as u64, pl + n);
         let t = mb * s;
-        let models = if p.critic { 2 } else { 1 };
+        let layers = c.num_hidden_layers as u64;
         let i = c.intermediate_size as u64;
         // A bf16 base also keeps each projection's bf16 input for the backward: q, k, v, o, gate
         // and up read H-wide rows, down an I-wide one; in f32 slots, T·(6·H + I)/2.
@@ -259,20 +266,44 @@ impl MemoryPlan {
         } else {
             0
         };
-        add(
-            format!("update activations (micro-batch {mb} × {s} tokens, ≈)"),
-            models
-                * c.num_hidden_layers as u64
-                * (t * (10 * h + 4 * i + casts) + mb * heads * s * s * 3),
-            "update",
-            "ppo.micro_batch",
-        );
-        add(
-            format!("update log-prob logits (chunk {})", p.logprob_chunk),
-            mb * (p.logprob_chunk as u64).min(n.max(1)) * v * 3,
-            "update",
-            "model.logprob_chunk",
-        );
+        // What one layer's forward saves for its backward: its norms, q/k/v/o, gate/up/act/down
+        // and residuals, and the attention scores and probabilities.
+        let one_layer = t * (10 * h + 4 * i + casts) + mb * heads * s * s * 3;
+        // Logits of `positions` response positions under autodiff: z and exp(z − m), which the
+        // log-softmax's backward keeps (measured on flex: 2.0 × `[mb, positions, V]` floats).
+        let logits = |positions: u64| mb * positions * v * 2;
+        let chunk = (p.logprob_chunk as u64).min(n.max(1));
+        // The actor and the critic update one after the other: one graph at a time.
+        if p.recompute {
+            add(
+                format!(
+                    "update layer inputs kept ({} × micro-batch {mb} × {s} tokens)",
+                    layers + 3
+                ),
+                (layers + 3) * t * h,
+                "update",
+                "ppo.micro_batch",
+            );
+            add(
+                "update: one layer recomputed, or one log-prob chunk (≈)".into(),
+                one_layer.max(logits(chunk)),
+                "update",
+                "ppo.micro_batch, model.logprob_chunk",
+            );
+        } else {
+            add(
+                format!("update activations (micro-batch {mb} × {s} tokens, ≈)"),
+                layers * one_layer,
+                "update",
+                "model.recompute = true, ppo.micro_batch",
+            );
+            add(
+                format!("update log-prob logits (all {n} positions: the graph keeps every chunk)"),
+                logits(n),
+                "update",
+                "model.recompute = true",
+            );
+        }
         if p.f32_logits_over_bf16 {
             for phase in ["rollout", "experience", "update"] {
                 add(

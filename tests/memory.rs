@@ -240,3 +240,27 @@ fn the_largest_micro_batch_that_fits_is_the_boundary() {
     assert_eq!(memory::largest_fitting(4096, |m| peak(m) < peak(1)), None);
     assert_eq!(memory::largest_fitting(4096, |_| true), Some(4096));
 }
+
+/// The 3B preset plans to at most 40 GiB at `ppo.micro_batch = 4` with layer-by-layer
+/// recomputation (the default), and keeping every activation would not fit.
+#[test]
+fn the_3b_preset_fits_40_gib_at_micro_batch_4_with_recomputation() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let geometry =
+        qwen2_burn::Qwen2Config::from_file(&root.join("assets/configs/qwen2.5-3b.json")).unwrap();
+    let peak = |recompute: bool| {
+        let cfg = TrainConfig::load(
+            Some(&root.join("assets/presets/med-rlvr-qwen2.5-3b.toml")),
+            &[
+                "ppo.micro_batch=4".to_string(),
+                format!("model.recompute={recompute}"),
+            ],
+        )
+        .unwrap();
+        MemoryPlan::new(&PlanInputs::from_config(&cfg, &geometry, 512, 1)).peak as f64
+            / (1u64 << 30) as f64
+    };
+    let (with, without) = (peak(true), peak(false));
+    assert!(with <= 40.0, "3B preset, micro-batch 4: {with:.1} GiB");
+    assert!(without > 80.0, "keeping every activation: {without:.1} GiB");
+}
