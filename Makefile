@@ -2,10 +2,16 @@
 CARGO ?= cargo
 export MEDRLVR_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: test check-cuda fmt clippy bench-kernels fixtures
+.PHONY: test test-wgpu check-cuda fmt clippy bench-kernels fixtures
 
 test:
 	$(CARGO) test --release --workspace
+
+# The backend-generic tests on wgpu (cubecl's GPU path), for CI on Mesa's software Vulkan
+# (apt-get install mesa-vulkan-drivers) or on any Vulkan GPU. `make test` ran them on ndarray and flex.
+WGPU_TESTS = --test sampler --test recompute --test checkpoint
+test-wgpu:
+	$(CARGO) test --release --features wgpu $(WGPU_TESTS) -- wgpu::
 
 check-cuda:
 	$(CARGO) check --release --features cuda

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use med_rlvr::checkpoint;
 use med_rlvr::config::TrainConfig;
 use med_rlvr::experience::Batch;
 use med_rlvr::trainer::{self, StepMetrics, Trainer};
+
+mod common;
 
 type B = Autodiff<NdArray<f32>>;
 
@@ -65,7 +67,7 @@ fn weights<M: Module<Bk>, Bk: Backend>(m: &M) -> Vec<u32> {
     c.0
 }
 
-fn steps(t: &mut Trainer<B>, k: usize) -> Vec<String> {
+fn steps<Bk: AutodiffBackend>(t: &mut Trainer<Bk>, k: usize) -> Vec<String> {
     (0..k).map(|_| fingerprint(&t.step().unwrap().0)).collect()
 }
 
@@ -150,6 +152,42 @@ fn lora_resume_is_bit_identical() {
     let err = format!("{:#}", full.load_checkpoint(&ck).unwrap_err());
     assert!(err.contains("LoRA"), "{err}");
 }
+
+/// Two PPO steps with a critic and LoRA adapters on a tiny budget (the one run on every backend,
+/// wgpu included): finite numbers, a zero KL before the first update, and a checkpoint that
+/// round-trips (weights bit for bit, the resumed step equal to the straight one).
+fn ppo_steps_and_a_checkpoint_round_trip<Bk: AutodiffBackend>() {
+    let c = || {
+        cfg(&[
+            "train.steps=2",
+            "rollout.prompts_per_step=2",
+            "rollout.max_new_tokens=8",
+            "ppo.train_batch=2",
+            "ppo.ppo_epochs=1",
+            "lora.rank=4",
+            "optim.actor_lr=5e-3",
+        ])
+    };
+    let mut t = Trainer::<Bk>::new(c(), Default::default()).unwrap();
+    let (m0, _) = t.step().unwrap();
+    assert!(m0.kl.abs() < 1e-5, "step-0 KL {}", m0.kl);
+    let run = tempfile::tempdir().unwrap();
+    let ck = t.save_checkpoint(run.path()).unwrap();
+    let (actor, critic) = (weights(&t.actor), weights(t.critic.as_ref().unwrap()));
+    let straight = steps(&mut t, 1);
+    let mut resumed = Trainer::<Bk>::new(c(), Default::default()).unwrap();
+    resumed.load_checkpoint(&ck).unwrap();
+    assert_eq!(weights(&resumed.actor), actor, "actor after the round trip");
+    assert_eq!(weights(resumed.critic.as_ref().unwrap()), critic, "critic");
+    let (m1, _) = resumed.step().unwrap();
+    assert!(
+        m1.policy_loss.is_finite() && m1.value_loss.is_finite(),
+        "{m1:?}"
+    );
+    assert_eq!(vec![fingerprint(&m1)], straight, "the resumed step differs");
+}
+
+per_backend!(autodiff: ppo_steps_and_a_checkpoint_round_trip);
 
 #[test]
 fn keeps_the_last_n_and_refuses_corrupt_checkpoints() {

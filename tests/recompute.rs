@@ -1,10 +1,10 @@
 //! Layer-by-layer recomputation (`model.recompute`) gives the gradients of the kept-graph backward:
 //! actor (PPO + KL loss through the chunked LM head, tied and untied heads) and critic (value
-//! loss), full fine-tuning and LoRA, on ndarray and on flex. Same test body for both backends.
+//! loss), full fine-tuning and LoRA; the same test body on every backend (ndarray, flex,
+//! and wgpu in a `--features wgpu` build).
 
 use std::path::Path;
 
-use burn::backend::{Autodiff, Flex, NdArray};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
@@ -13,6 +13,8 @@ use med_rlvr::critic::Critic;
 use med_rlvr::experience::{grid_tensor, Batch, Trainable};
 use med_rlvr::loss::{self, Aggregation};
 use qwen2_burn::{load_qwen2, LoraSpec, Qwen2};
+
+mod common;
 
 /// Ragged rows: prompts of different lengths (left padding), responses of different lengths
 /// (right padding), one response longer than the log-prob chunk.
@@ -156,7 +158,7 @@ fn critic_grads<B: AutodiffBackend>(critic: &Critic<B>, recompute: bool) -> Grad
 
 const TOL: f64 = 1e-5;
 
-fn recompute_matches_kept_graph<B: AutodiffBackend>() {
+fn recompute_gives_kept_graph_gradients<B: AutodiffBackend>() {
     let dev = Default::default();
     let spec = LoraSpec {
         rank: 4,
@@ -202,12 +204,4 @@ fn recompute_matches_kept_graph<B: AutodiffBackend>() {
     }
 }
 
-#[test]
-fn recompute_gives_kept_graph_gradients_ndarray() {
-    recompute_matches_kept_graph::<Autodiff<NdArray<f32>>>();
-}
-
-#[test]
-fn recompute_gives_kept_graph_gradients_flex() {
-    recompute_matches_kept_graph::<Autodiff<Flex>>();
-}
+per_backend!(autodiff: recompute_gives_kept_graph_gradients);

@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use med_rlvr::cli::continuation_logprobs;
 use med_rlvr::next_token;
 use med_rlvr::sampler::{self, FinishReason, NoDetokenizer, SamplingParams};
@@ -12,7 +11,7 @@ use med_rlvr::tokenizer::Tokenizer;
 use qwen2_burn::{load_qwen2, Qwen2, Qwen2Config};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-type B = NdArray<f32>;
+mod common;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -20,7 +19,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn load(name: &str) -> (Qwen2Config, Qwen2<B>) {
+fn load<B: Backend>(name: &str) -> (Qwen2Config, Qwen2<B>) {
     load_qwen2::<B>(&fixture(name), &Default::default()).unwrap()
 }
 
@@ -42,10 +41,9 @@ fn greedy(max_new: usize) -> SamplingParams {
 
 /// The sampler's greedy decoding (argmax on the device) gives transformers' greedy tokens, up to
 /// the first step whose top-2 logit margin is within 1e-2 (a near tie could go either way).
-#[test]
-fn device_greedy_matches_transformers_greedy() {
+fn device_greedy_matches_transformers_greedy<B: Backend>() {
     for name in ["tied-bf16-sharded", "tied-f16-gqa", "untied-f32-mha"] {
-        let (c, m) = load(name);
+        let (c, m) = load::<B>(name);
         let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
         let g: serde_json::Value = serde_json::from_str(&text).unwrap();
         let list = |k: &str| -> Vec<f64> {
@@ -72,10 +70,9 @@ fn device_greedy_matches_transformers_greedy() {
     }
 }
 
-#[test]
-fn greedy_alone_equals_inside_a_padded_batch() {
+fn greedy_alone_equals_inside_a_padded_batch<B: Backend>() {
     for name in ["tied-bf16-sharded", "untied-f32-mha"] {
-        let (c, m) = load(name);
+        let (c, m) = load::<B>(name);
         let dev = Default::default();
         let batch = sampler::generate(&m, &c, &prompts(), &greedy(10), &NoDetokenizer, &dev);
         for (i, p) in prompts().iter().enumerate() {
@@ -95,9 +92,8 @@ fn greedy_alone_equals_inside_a_padded_batch() {
     }
 }
 
-#[test]
-fn rollout_logprobs_equal_teacher_forced_logprobs() {
-    let (c, m) = load("tied-bf16-sharded");
+fn rollout_logprobs_equal_teacher_forced_logprobs<B: Backend>() {
+    let (c, m) = load::<B>("tied-bf16-sharded");
     let dev = Default::default();
     let params = SamplingParams {
         temperature: 1.0,
@@ -134,8 +130,7 @@ fn chi_square(counts: &[usize], probs: &[f64], n: usize) -> f64 {
         .sum()
 }
 
-#[test]
-fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution() {
+fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution<B: Backend>() {
     let logits: Vec<f32> = vec![2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0];
     let softmax = |t: f64, keep: &[usize]| {
         let w: Vec<f64> = keep.iter().map(|&i| (logits[i] as f64 / t).exp()).collect();
@@ -221,8 +216,7 @@ fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution() {
 /// Per decode step the host reads back a few numbers per row, never the `[rows, vocab]` logits:
 /// the bytes per token choice are the same for a vocabulary of 8 and of 1,024 (20 on ndarray:
 /// an i64 id and three f32s).
-#[test]
-fn bytes_read_back_per_decode_step_are_o_rows_not_o_vocab() {
+fn bytes_read_back_per_decode_step_are_o_rows_not_o_vocab<B: Backend>() {
     let dev = Default::default();
     let per_row = |vocab: usize, rows: usize| {
         let z = Tensor::<B, 2>::random([rows, vocab], burn::tensor::Distribution::Default, &dev);
@@ -234,7 +228,7 @@ fn bytes_read_back_per_decode_step_are_o_rows_not_o_vocab() {
     assert_eq!(small, per_row(1024, 64));
     assert!(small <= 24.0, "{small} bytes per row");
     // And through a whole rollout, on a real fixture (vocabulary 1,000+).
-    let (c, m) = load("tied-bf16-sharded");
+    let (c, m) = load::<B>("tied-bf16-sharded");
     let params = SamplingParams {
         max_new_tokens: 6,
         n: 2,
@@ -251,9 +245,8 @@ fn bytes_read_back_per_decode_step_are_o_rows_not_o_vocab() {
 
 /// Continuous batching: with fewer rows than samples, finished rows hand their slot to waiting
 /// prompts; every sample equals the one from decoding its prompt alone.
-#[test]
-fn continuous_batching_gives_the_samples_of_one_prompt_at_a_time() {
-    let (c, m) = load("tied-bf16-sharded");
+fn continuous_batching_gives_the_samples_of_one_prompt_at_a_time<B: Backend>() {
+    let (c, m) = load::<B>("tied-bf16-sharded");
     let dev = Default::default();
     let many: Vec<Vec<u32>> = (0..7u32)
         .map(|i| {
@@ -312,9 +305,8 @@ fn continuous_batching_gives_the_samples_of_one_prompt_at_a_time() {
     }
 }
 
-#[test]
-fn a_row_that_emits_the_stop_token_stops_while_others_continue() {
-    let (c, m) = load("untied-f32-mha");
+fn a_row_that_emits_the_stop_token_stops_while_others_continue<B: Backend>() {
+    let (c, m) = load::<B>("untied-f32-mha");
     let dev = Default::default();
     let free = sampler::generate(&m, &c, &prompts(), &greedy(12), &NoDetokenizer, &dev);
     // A token that row 0 emits but rows 1 and 2 never do.
@@ -345,10 +337,9 @@ fn a_row_that_emits_the_stop_token_stops_while_others_continue() {
     }
 }
 
-#[test]
-fn stop_strings_are_kept_and_end_the_row() {
+fn stop_strings_are_kept_and_end_the_row<B: Backend>() {
     let dir = fixture("untied-f32-mha");
-    let (c, m) = load("untied-f32-mha");
+    let (c, m) = load::<B>("untied-f32-mha");
     let tok = Tokenizer::from_dir(&dir).unwrap();
     let dev = Default::default();
     let p = vec![tok.encode("A 45-year-old man").unwrap()];
@@ -370,9 +361,8 @@ fn stop_strings_are_kept_and_end_the_row() {
     assert!(!before.contains(&stop));
 }
 
-#[test]
-fn same_seed_same_samples_and_n_per_prompt() {
-    let (c, m) = load("tied-f16-gqa");
+fn same_seed_same_samples_and_n_per_prompt<B: Backend>() {
+    let (c, m) = load::<B>("tied-f16-gqa");
     let dev = Default::default();
     let params = SamplingParams {
         temperature: 1.0,
@@ -412,12 +402,11 @@ fn same_seed_same_samples_and_n_per_prompt() {
         .any(|(x, y)| x.output_ids != y.output_ids));
 }
 
-#[test]
-fn masking_finished_rows_gives_the_same_samples_as_compacting_them() {
+fn masking_finished_rows_gives_the_same_samples_as_compacting_them<B: Backend>() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/qwen2/tied-bf16-sharded");
     let dev = Default::default();
-    let (c, m) = qwen2_burn::load_qwen2::<burn::backend::NdArray<f32>>(&dir, &dev).unwrap();
+    let (c, m) = qwen2_burn::load_qwen2::<B>(&dir, &dev).unwrap();
     let prompts = vec![
         vec![5u32, 17, 33, 2, 90, 41, 7, 8, 200],
         vec![11, 12],
@@ -456,3 +445,16 @@ fn masking_finished_rows_gives_the_same_samples_as_compacting_them() {
         }
     }
 }
+
+per_backend!(
+    device_greedy_matches_transformers_greedy,
+    greedy_alone_equals_inside_a_padded_batch,
+    rollout_logprobs_equal_teacher_forced_logprobs,
+    temperature_top_k_top_p_frequencies_match_the_truncated_distribution,
+    bytes_read_back_per_decode_step_are_o_rows_not_o_vocab,
+    continuous_batching_gives_the_samples_of_one_prompt_at_a_time,
+    a_row_that_emits_the_stop_token_stops_while_others_continue,
+    stop_strings_are_kept_and_end_the_row,
+    same_seed_same_samples_and_n_per_prompt,
+    masking_finished_rows_gives_the_same_samples_as_compacting_them,
+);
