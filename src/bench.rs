@@ -340,6 +340,18 @@ pub struct UpdateBench {
     pub plan_over_measured: f64,
 }
 
+/// The micro-batch of an update bench and how it is differentiated.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateShape {
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub response_len: usize,
+    /// `model.logprob_chunk`.
+    pub chunk: usize,
+    /// `model.recompute`.
+    pub recompute: bool,
+}
+
 /// Resident and peak resident bytes of this process (`VmRSS`, `VmHWM` of /proc/self/status).
 fn resident() -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").map_err(|e| {
@@ -369,13 +381,16 @@ pub fn update<B: AutodiffBackend>(
     config: &Qwen2Config,
     model: &Qwen2<B>,
     lora: &qwen2_burn::LoraSpec,
-    batch: usize,
-    prompt_len: usize,
-    response_len: usize,
-    chunk: usize,
-    recompute: bool,
+    shape: UpdateShape,
     device: &B::Device,
 ) -> anyhow::Result<UpdateBench> {
+    let UpdateShape {
+        batch,
+        prompt_len,
+        response_len,
+        chunk,
+        recompute,
+    } = shape;
     use crate::experience::Batch;
     use crate::loss::{policy_loss, Aggregation};
     let prompts = random_prompts(batch, prompt_len, config.vocab_size, 7);

@@ -777,11 +777,13 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
             &config,
             &model,
             &spec,
-            a.batch,
-            a.prompt_len,
-            a.new_tokens,
-            a.chunk,
-            !a.no_recompute,
+            crate::bench::UpdateShape {
+                batch: a.batch,
+                prompt_len: a.prompt_len,
+                response_len: a.new_tokens,
+                chunk: a.chunk,
+                recompute: !a.no_recompute,
+            },
             device,
         )?;
         println!("{}", serde_json::to_string(&line)?);
