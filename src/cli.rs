@@ -760,17 +760,7 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
         let spec = qwen2_burn::LoraSpec {
             rank: a.lora_rank,
             alpha: 2.0 * a.lora_rank as f64,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: qwen2_burn::lora::ALL_TARGETS.map(String::from).to_vec(),
         };
         let model = Qwen2::<A>::init_random(&config, 0, device).with_lora(&spec, 0, device);
         let line = crate::bench::update(

@@ -29,6 +29,15 @@ fn rows() -> Vec<(Vec<u32>, Vec<u32>)> {
     ]
 }
 
+fn batch() -> Batch {
+    let data = rows();
+    let refs: Vec<(&[u32], &[u32])> = data
+        .iter()
+        .map(|(p, r)| (p.as_slice(), r.as_slice()))
+        .collect();
+    Batch::new(&refs)
+}
+
 /// A deterministic per-token pattern in `[-1, 1]`.
 fn pattern(b: usize, r: usize, k: f64) -> Vec<Vec<f64>> {
     (0..b)
@@ -112,12 +121,7 @@ fn compare<B: AutodiffBackend, M: AutodiffModule<B>>(
 /// The actor's loss (clipped surrogate + k3 KL) and its parameter gradients.
 fn actor_grads<B: AutodiffBackend>(model: &Qwen2<B>, recompute: bool) -> GradientsParams {
     let dev = Default::default();
-    let data = rows();
-    let refs: Vec<(&[u32], &[u32])> = data
-        .iter()
-        .map(|(p, r)| (p.as_slice(), r.as_slice()))
-        .collect();
-    let batch = Batch::new(&refs);
+    let batch = batch();
     let m = batch.mask_tensor::<B>(&dev);
     let t: Trainable<B> = batch.train_logprobs(model, 3, recompute, &dev);
     let logp = t.output.clone();
@@ -135,12 +139,7 @@ fn actor_grads<B: AutodiffBackend>(model: &Qwen2<B>, recompute: bool) -> Gradien
 /// The critic's clipped value loss and its parameter gradients.
 fn critic_grads<B: AutodiffBackend>(critic: &Critic<B>, recompute: bool) -> GradientsParams {
     let dev = Default::default();
-    let data = rows();
-    let refs: Vec<(&[u32], &[u32])> = data
-        .iter()
-        .map(|(p, r)| (p.as_slice(), r.as_slice()))
-        .collect();
-    let batch = Batch::new(&refs);
+    let batch = batch();
     let m = batch.mask_tensor::<B>(&dev);
     let t = batch.train_values(critic, recompute, &dev);
     let old = grid_tensor::<B>(&pattern(batch.b, batch.r, 0.3), &dev).mul_scalar(0.1);
@@ -177,28 +176,30 @@ fn recompute_gives_kept_graph_gradients<B: AutodiffBackend>() {
         let (_, full) = load_qwen2::<B>(&dir, &dev).unwrap();
         let lora = full.clone().with_lora(&spec, 3, &dev).map(&mut Perturb(0));
         for (kind, model) in [("full", full), ("lora", lora)] {
-            let (err, n) = compare(
-                &model,
-                &actor_grads(&model, false),
-                &actor_grads(&model, true),
-            );
-            eprintln!("{name} {kind} actor: {n} gradients, max relative difference {err:e}");
-            assert!(n > 0, "{name} {kind}: no gradients");
-            assert!(
-                err < TOL,
-                "{name} {kind} actor: relative gradient difference {err:e}"
+            let check = |part: &str, (err, n): (f64, usize)| {
+                eprintln!("{name} {kind} {part}: {n} gradients, max relative difference {err:e}");
+                assert!(n > 0, "{name} {kind} {part}: no gradients");
+                assert!(
+                    err < TOL,
+                    "{name} {kind} {part}: relative gradient difference {err:e}"
+                );
+            };
+            check(
+                "actor",
+                compare(
+                    &model,
+                    &actor_grads(&model, false),
+                    &actor_grads(&model, true),
+                ),
             );
             let critic = Critic::new(model, 7, &dev);
-            let (err, n) = compare(
-                &critic,
-                &critic_grads(&critic, false),
-                &critic_grads(&critic, true),
-            );
-            eprintln!("{name} {kind} critic: {n} gradients, max relative difference {err:e}");
-            assert!(n > 0, "{name} {kind}: no critic gradients");
-            assert!(
-                err < TOL,
-                "{name} {kind} critic: relative gradient difference {err:e}"
+            check(
+                "critic",
+                compare(
+                    &critic,
+                    &critic_grads(&critic, false),
+                    &critic_grads(&critic, true),
+                ),
             );
         }
     }
