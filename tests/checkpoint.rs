@@ -71,21 +71,21 @@ fn steps<Bk: AutodiffBackend>(t: &mut Trainer<Bk>, k: usize) -> Vec<String> {
     (0..k).map(|_| fingerprint(&t.step().unwrap().0)).collect()
 }
 
-#[test]
-fn resume_is_bit_identical_and_runs_repeat() {
+/// Determinism and exact resume, on each CPU backend (flex is the binary's default).
+fn resume_is_bit_identical_and_runs_repeat<Bk: AutodiffBackend>() {
     let straight = {
-        let mut t = Trainer::<B>::new(cfg(&[]), Default::default()).unwrap();
+        let mut t = Trainer::<Bk>::new(cfg(&[]), Default::default()).unwrap();
         let m = steps(&mut t, 4);
         (m, weights(&t.actor), weights(t.critic.as_ref().unwrap()))
     };
     // Same seed again: bit-identical (determinism on this backend).
     {
-        let mut t = Trainer::<B>::new(cfg(&[]), Default::default()).unwrap();
+        let mut t = Trainer::<Bk>::new(cfg(&[]), Default::default()).unwrap();
         assert_eq!(steps(&mut t, 4), straight.0, "a repeat run differs");
         assert_eq!(weights(&t.actor), straight.1);
     }
     let run = tempfile::tempdir().unwrap();
-    let mut first = Trainer::<B>::new(cfg(&[]), Default::default()).unwrap();
+    let mut first = Trainer::<Bk>::new(cfg(&[]), Default::default()).unwrap();
     let mut m = steps(&mut first, 2);
     let ck = first.save_checkpoint(run.path()).unwrap();
     assert_eq!(ck, run.path().join("checkpoints/step-000002"));
@@ -94,7 +94,7 @@ fn resume_is_bit_identical_and_runs_repeat() {
         ck
     );
     drop(first);
-    let mut second = Trainer::<B>::new(cfg(&[]), Default::default()).unwrap();
+    let mut second = Trainer::<Bk>::new(cfg(&[]), Default::default()).unwrap();
     second.load_checkpoint(&ck).unwrap();
     assert_eq!(second.step, 2);
     m.extend(steps(&mut second, 2));
@@ -187,7 +187,7 @@ fn ppo_steps_and_a_checkpoint_round_trip<Bk: AutodiffBackend>() {
     assert_eq!(vec![fingerprint(&m1)], straight, "the resumed step differs");
 }
 
-per_backend!(autodiff: ppo_steps_and_a_checkpoint_round_trip);
+per_backend!(autodiff: ppo_steps_and_a_checkpoint_round_trip; cpu: resume_is_bit_identical_and_runs_repeat);
 
 #[test]
 fn keeps_the_last_n_and_refuses_corrupt_checkpoints() {

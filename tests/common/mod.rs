@@ -1,25 +1,32 @@
 //! Backend-generic tests: a test body is written once as `fn name<B: Backend>()` and
-//! [`per_backend!`] instantiates it per backend, as `ndarray::name`, `flex::name` and, in a build
-//! with `--features wgpu`, `wgpu::name` (the cubecl path; CI runs it on lavapipe, Mesa's software
+//! [`per_backend!`] instantiates it per backend, as `ndarray::name` and `flex::name`, or, in a build
+//! with `--features wgpu`, as `wgpu::name` (the cubecl path; CI runs it on lavapipe, Mesa's software
 //! Vulkan). `per_backend!(autodiff: ...)` wraps each backend in `Autodiff` for training tests.
 
 #[macro_export]
 macro_rules! per_backend {
-    (autodiff: $($test:ident),* $(,)?) => {
+    (autodiff: $($test:ident),* $(; cpu: $($cpu:ident),*)? $(,)?) => {
         $crate::per_backend!(@each burn::backend::Autodiff<burn::backend::NdArray<f32>>,
             burn::backend::Autodiff<burn::backend::Flex>,
-            burn::backend::Autodiff<burn::backend::Wgpu>; $($test),*);
+            burn::backend::Autodiff<burn::backend::Wgpu>; $($test),*; $($($cpu),*)?);
     };
-    ($($test:ident),* $(,)?) => {
+    ($($test:ident),* $(; cpu: $($cpu:ident),*)? $(,)?) => {
         $crate::per_backend!(@each burn::backend::NdArray<f32>, burn::backend::Flex,
-            burn::backend::Wgpu; $($test),*);
+            burn::backend::Wgpu; $($test),*; $($($cpu),*)?);
     };
-    (@each $nd:ty, $flex:ty, $wgpu:ty; $($test:ident),*) => {
+    (@each $nd:ty, $flex:ty, $wgpu:ty; $($test:ident),*; $($cpu:ident),*) => {
+        // A `--features wgpu` build runs the wgpu instances only (`make test` ran the CPU ones);
+        // not compiling the others keeps CI's wgpu build short. The `cpu:` list (tests too slow
+        // for software Vulkan, e.g. repeated training runs) runs on ndarray and flex only.
+        #[cfg(not(feature = "wgpu"))]
         mod ndarray {
             $(#[test] fn $test() { super::$test::<$nd>() })*
+            $(#[test] fn $cpu() { super::$cpu::<$nd>() })*
         }
+        #[cfg(not(feature = "wgpu"))]
         mod flex {
             $(#[test] fn $test() { super::$test::<$flex>() })*
+            $(#[test] fn $cpu() { super::$cpu::<$flex>() })*
         }
         #[cfg(feature = "wgpu")]
         mod wgpu {
