@@ -72,6 +72,7 @@ fn steps<Bk: AutodiffBackend>(t: &mut Trainer<Bk>, k: usize) -> Vec<String> {
 }
 
 /// Determinism and exact resume, on each CPU backend (flex is the binary's default).
+#[cfg_attr(feature = "wgpu", allow(dead_code))] // in `per_backend!`'s CPU-only list
 fn resume_is_bit_identical_and_runs_repeat<Bk: AutodiffBackend>() {
     let straight = {
         let mut t = Trainer::<Bk>::new(cfg(&[]), Default::default()).unwrap();
