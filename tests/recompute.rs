@@ -71,13 +71,14 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Perturb {
     }
 }
 
-/// `max |a − b| / max |a|` over every parameter that has a gradient in `a`; also checks that both
-/// have the same parameters.
-fn compare<B: AutodiffBackend, M: AutodiffModule<B>>(
+/// `grads(module, recompute)` with the kept graph (`a`) and with recomputation (`b`):
+/// `max |a − b| / max |a|` over every parameter that has a gradient in `a`, and how many there are;
+/// also checks that both have the same parameters.
+fn kept_vs_recomputed<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
-    a: &GradientsParams,
-    b: &GradientsParams,
+    grads: impl Fn(&M, bool) -> GradientsParams,
 ) -> (f64, usize) {
+    let (a, b) = (&grads(module, false), &grads(module, true));
     struct V<'g> {
         a: &'g GradientsParams,
         b: &'g GradientsParams,
@@ -184,23 +185,9 @@ fn recompute_gives_kept_graph_gradients<B: AutodiffBackend>() {
                     "{name} {kind} {part}: relative gradient difference {err:e}"
                 );
             };
-            check(
-                "actor",
-                compare(
-                    &model,
-                    &actor_grads(&model, false),
-                    &actor_grads(&model, true),
-                ),
-            );
+            check("actor", kept_vs_recomputed(&model, actor_grads));
             let critic = Critic::new(model, 7, &dev);
-            check(
-                "critic",
-                compare(
-                    &critic,
-                    &critic_grads(&critic, false),
-                    &critic_grads(&critic, true),
-                ),
-            );
+            check("critic", kept_vs_recomputed(&critic, critic_grads));
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Backend-generic tests: a test body is written once as `fn name<B: Backend>()` and
 //! [`per_backend!`] instantiates it per backend, as `ndarray::name` and `flex::name`, or, in a build
 //! with `--features wgpu`, as `wgpu::name` (the cubecl path; CI runs it on lavapipe, Mesa's software
-//! Vulkan). `per_backend!(autodiff: ...)` wraps each backend in `Autodiff` for training tests.
+//! Vulkan). `per_backend!(autodiff: ...)` wraps each backend in `Autodiff` for training tests;
+//! names after `; cpu:` are instantiated on ndarray and flex only.
 
 #[macro_export]
 macro_rules! per_backend {
