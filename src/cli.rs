@@ -144,6 +144,9 @@ pub struct SftArgs {
     pub lora_rank: usize,
     #[arg(long, default_value_t = 16.0)]
     pub lora_alpha: f64,
+    /// Batch examples of similar length together (less padding; the order stays random).
+    #[arg(long)]
+    pub group_by_length: bool,
     #[arg(long, default_value = "sft-out")]
     pub out: PathBuf,
 }
@@ -1158,6 +1161,7 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             optim: Default::default(),
             seed: a.seed,
             logprob_chunk: 64,
+            group_by_length: a.group_by_length,
         };
         let mut io_err = None;
         let (trained, hist) = s::train(model, &pairs, &cfg, device, |st| {

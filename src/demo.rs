@@ -253,6 +253,7 @@ pub fn build<B: AutodiffBackend>(
         },
         seed,
         logprob_chunk: 64,
+        group_by_length: false,
     };
     let (model, hist) = sft::train(model, &pairs, &cfg, device, |s| {
         if s.step % 20 == 0 {

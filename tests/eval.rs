@@ -182,6 +182,7 @@ fn sft_lowers_the_answer_loss_and_raises_direct_accuracy() {
         optim: Default::default(),
         seed: 0,
         logprob_chunk: 64,
+        group_by_length: false,
     };
     let (model, _) = train(model, &pairs, &cfg, &dev, |_| {}).unwrap();
     let (loss1, acc1) = (eval_loss(&model, &held, 64, &dev), acc(&model));
@@ -219,6 +220,7 @@ fn sft_command_with_lora_writes_adapter_and_merged_model() {
             "16",
             "--lora-rank",
             "4",
+            "--group-by-length",
         ])
         .arg("--out")
         .arg(&out)
