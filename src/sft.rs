@@ -99,10 +99,11 @@ pub fn train<B: AutodiffBackend>(
     Ok((model, history))
 }
 
-/// Rows per window that [`epoch_batches`] sorts by length.
+/// Batches per window that [`epoch_batches`] sorts by length.
 const LENGTH_WINDOW_BATCHES: usize = 16;
 
-/// One epoch's batches of row indices: a shuffle cut into batches of `batch`. With `by_length`
+/// One epoch's batches of row indices: a shuffle cut into batches of `batch`. `lens` are the rows'
+/// token counts (prompt + target). With `by_length`
 /// (as Hugging Face's `group_by_length`), each window of 16 batches of the shuffle is sorted by
 /// row length before it is cut, and the batches are shuffled again, so a batch pads to a length
 /// near its rows' own while the order stays random.
