@@ -103,10 +103,10 @@ pub fn train<B: AutodiffBackend>(
 const LENGTH_WINDOW_BATCHES: usize = 16;
 
 /// One epoch's batches of row indices: a shuffle cut into batches of `batch`. `lens` are the rows'
-/// token counts (prompt + target). With `by_length`
-/// (as Hugging Face's `group_by_length`), each window of 16 batches of the shuffle is sorted by
-/// row length before it is cut, and the batches are shuffled again, so a batch pads to a length
-/// near its rows' own while the order stays random.
+/// token counts (prompt + target). With `by_length` (as Hugging Face's `group_by_length`), each
+/// window of [`LENGTH_WINDOW_BATCHES`] batches of the shuffle is sorted by row length before it is
+/// cut, and the batches are shuffled again, so a batch pads to a length near its rows' own while
+/// the order stays random.
 pub fn epoch_batches(
     lens: &[usize],
     batch: usize,
@@ -193,7 +193,7 @@ mod tests {
             grouped * 2 < plain,
             "grouping should at least halve the padded tokens: {grouped} vs {plain}"
         );
-        // Same seed, same batches; the grouped order is still shuffled across epochs.
+        // Same seed, same batches; another seed, another grouping and order.
         let a = epoch_batches(&lens, 32, true, &mut StdRng::seed_from_u64(1));
         let b = epoch_batches(&lens, 32, true, &mut StdRng::seed_from_u64(1));
         let c = epoch_batches(&lens, 32, true, &mut StdRng::seed_from_u64(2));
