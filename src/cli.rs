@@ -249,9 +249,9 @@ pub struct DemoArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Warm-start SFT epochs.
-    #[arg(long, default_value_t = 8)]
-    pub sft_epochs: usize,
+    /// Epochs over the knowledge corpus (the first pretraining phase, see src/demo.rs).
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
 }
 
 #[derive(Args, Debug)]
@@ -410,7 +410,7 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Bench(a) => bench::<B>(a, &device),
         Command::Score(a) => score(a),
         Command::Train(a) => train::<B>(a, device),
-        Command::DemoAssets(a) => crate::demo::build::<B>(&a.out, a.seed, a.sft_epochs, &device),
+        Command::DemoAssets(a) => crate::demo::build::<B>(&a.out, a.seed, a.epochs, &device),
         Command::Eval(a) => eval::<B::InnerBackend>(a, &device),
         Command::Sft(a) => sft::<B>(a, &device),
         Command::Plot(a) => plot(a),

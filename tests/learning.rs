@@ -1,7 +1,8 @@
-//! Short seeded runs on the demo model: PPO (full and LoRA) and GRPO raise the mean rollout reward. The demo model
-//! starts with about 40 % formatted replies (reward −1 for the rest), so the first steps' mean
-//! reward is near −0.5; the assertion is that the mean over the last 4 steps beats the mean over the
-//! first 2 by at least 0.4.
+//! Short seeded runs on the demo model: PPO (full and LoRA) and GRPO raise the mean rollout
+//! reward, and PPO raises the held-out accuracy (the paper's effect). The demo model samples about
+//! a third of its replies with the tags (reward −1 for the rest), so the first steps' mean reward
+//! is near −0.5; the assertion is that the mean over the last 4 steps beats the mean over the first
+//! 2 by at least 0.4.
 
 use burn::backend::{Autodiff, NdArray};
 use med_rlvr::config::TrainConfig;
@@ -70,9 +71,42 @@ fn grpo_raises_mean_reward() {
     let (start, end) = learns(&[
         "ppo.estimator=\"grpo\"",
         "rollout.n=4",
-        "rollout.prompts_per_step=4",
+        "rollout.prompts_per_step=8",
+        "optim.actor_lr=5e-4",
+        "train.steps=20",
         "ppo.use_kl_loss=true",
         "ppo.kl_coef=0.001",
     ]);
     assert!(end - start >= 0.4, "GRPO: reward {start:.3} -> {end:.3}");
+}
+
+/// The paper's effect on the embedded demo, shortened: the base answers without the tags (greedy
+/// held-out accuracy 0, at most 0.35), and 12 PPO steps of the preset lift the held-out greedy
+/// accuracy on 60 questions by at least 0.3 with the format learned — the knowledge was in the base.
+#[test]
+fn ppo_raises_held_out_accuracy_on_the_demo() {
+    let set: Vec<String> = [
+        "train.steps=12",
+        "train.eval_every=12",
+        "data.eval_limit=60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cfg = TrainConfig::load(None, &set).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let opts = trainer::RunOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let m = trainer::run::<B>(cfg, out.path(), Default::default(), &opts)
+        .unwrap()
+        .metrics;
+    let (first, last) = (&m[0], &m[m.len() - 1]);
+    let (a0, a1) = (first.eval_accuracy.unwrap(), last.eval_accuracy.unwrap());
+    let f1 = last.eval_format_rate.unwrap();
+    eprintln!("held-out greedy accuracy {a0:.3} -> {a1:.3}, format rate -> {f1:.3}");
+    assert!(a0 <= 0.35, "the base already answers: {a0}");
+    assert!(a1 - a0 >= 0.3, "held-out accuracy {a0:.3} -> {a1:.3}");
+    assert!(f1 >= 0.9, "format rate {f1}");
 }
