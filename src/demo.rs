@@ -242,23 +242,14 @@ const KINDS: [&str; 8] = [
 /// (with replacement, so no statement can be answered by elimination). "Which of the following is a
 /// river? … Options: A. Kavoni … The answer is Debiru, which is option C. …"
 fn lookup_doc(names: &[String], queries: usize, rng: &mut StdRng) -> String {
-    let mut picks: Vec<usize> = Vec::with_capacity(4);
-    while picks.len() < 4 {
-        let n = rng.random_range(0..names.len());
-        if !picks.contains(&n) {
-            picks.push(n);
-        }
-    }
+    let options = four_names(names, rng);
+    let question = format!(
+        "Which of the following is a {}?",
+        KINDS[rng.random_range(0..KINDS.len())]
+    );
     let item = McqaItem {
-        id: String::new(),
-        question: format!(
-            "Which of the following is a {}?",
-            KINDS[rng.random_range(0..KINDS.len())]
-        ),
-        options: picks.iter().map(|&n| names[n].clone()).collect(),
-        answer: 'A',
-        category: None,
-        source: None,
+        options,
+        ..name_item(question)
     };
     let mut doc = prompt::question_block(&item);
     for _ in 0..queries {
@@ -396,6 +387,14 @@ const LOOKUP_PHRASES: [&str; 6] = [
 
 /// A four-name question block over `names` (the options; no gold) with `question`.
 fn name_block(names: &[String], question: String, rng: &mut StdRng) -> McqaItem {
+    McqaItem {
+        options: four_names(names, rng),
+        ..name_item(question)
+    }
+}
+
+/// Four distinct names drawn from `names`, in the order drawn.
+fn four_names(names: &[String], rng: &mut StdRng) -> Vec<String> {
     let mut picks: Vec<usize> = Vec::with_capacity(4);
     while picks.len() < 4 {
         let n = rng.random_range(0..names.len());
@@ -403,10 +402,15 @@ fn name_block(names: &[String], question: String, rng: &mut StdRng) -> McqaItem 
             picks.push(n);
         }
     }
+    picks.iter().map(|&n| names[n].clone()).collect()
+}
+
+/// An item over made-up names: `question`, no options yet, no gold (answer `A`).
+fn name_item(question: String) -> McqaItem {
     McqaItem {
         id: String::new(),
         question,
-        options: picks.iter().map(|&n| names[n].clone()).collect(),
+        options: Vec::new(),
         answer: 'A',
         category: None,
         source: None,
