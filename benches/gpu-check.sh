@@ -7,14 +7,18 @@
 # Writes $OUT/gpu-check.json and $OUT/gpu-check.md (plus each part's raw output) with:
 #   1. the environment: GPU, driver and its CUDA version, libnvrtc, CUDA headers (cubecl-cuda
 #      compiles its kernels at run time with nvrtc and needs $CUDA_PATH/include);
-#   2. parity: `logprobs` of the transformers fixtures (tests/fixtures/qwen2/*) on CUDA against
+#   2. the differential self-check (`med-rlvr selfcheck`): the model, trainer and sampler entry
+#      points on this GPU against the CPU reference compiled into the same binary, over a sweep of
+#      shapes — first, because every later number depends on it ("are the numbers right" before
+#      "how fast");
+#   3. parity: `logprobs` of the transformers fixtures (tests/fixtures/qwen2/*) on CUDA against
 #      the reference log-probs;
-#   3. decode throughput of the Qwen2.5-3B geometry (random weights, bf16: `bench --dtype bf16`) at
+#   4. decode throughput of the Qwen2.5-3B geometry (random weights, bf16: `bench --dtype bf16`) at
 #      64 and 256 rows against the bandwidth bound and against transformers on the same GPU;
-#   4. one PPO step of the 3B preset on random weights (benches/ppo_step.py): phase_seconds and
+#   5. one PPO step of the 3B preset on random weights (benches/ppo_step.py): phase_seconds and
 #      peak GPU memory, next to transformers' forward+backward of one micro-batch.
 # On a machine without a GPU it says so in one line and exits with status 2. SMOKE=1 runs only the
-# parity part and the summary with whatever binary BIN is (a CPU build), to check the script.
+# self-check, the parity part and the summary with whatever binary BIN is (a CPU build), to check the script.
 set -uo pipefail
 SMOKE=${SMOKE:-0}
 cd "$(dirname "$0")/.."
@@ -72,7 +76,12 @@ fi
 }
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 
-# 2. Parity with the transformers fixtures.
+# 2. The differential self-check, on the build's backend against ndarray.
+timeout 300 "$BIN" selfcheck --cases "${SELFCHECK_CASES:-24}" > "$OUT/selfcheck.txt" 2>&1
+echo $? > "$OUT/selfcheck.rc"
+tail -n 1 "$OUT/selfcheck.txt"
+
+# 3. Parity with the transformers fixtures.
 for f in tests/fixtures/qwen2/*/; do
     name=$(basename "$f")
     python3 - "$f" > "$OUT/parity-$name.args" <<'EOF'
@@ -86,7 +95,7 @@ EOF
         > "$OUT/parity-$name.json" 2> "$OUT/parity-$name.err"
 done
 
-# 3. Decode throughput: med-rlvr and transformers on the same GPU.
+# 4. Decode throughput: med-rlvr and transformers on the same GPU.
 [ "$SMOKE" = 1 ] || for rows in 64 256; do
     timeout 240 "$BIN" bench --config assets/configs/qwen2.5-3b.json --dtype bf16 --batch $rows \
         --prompt-len 128 --new-tokens 32 --json > "$OUT/bench-$rows.json" 2> "$OUT/bench-$rows.err"
@@ -95,7 +104,7 @@ done
         > "$OUT/torch-$rows.json" 2> "$OUT/torch-$rows.err"
 done
 
-# 4. One PPO step of the 3B preset on random weights.
+# 5. One PPO step of the 3B preset on random weights.
 [ "$SMOKE" = 1 ] || timeout 600 python3 benches/ppo_step.py --bin "$BIN" --geometry assets/configs/qwen2.5-3b.json \
     --preset assets/presets/med-rlvr-qwen2.5-3b.toml --prompts 64 --new-tokens 256 --device cuda \
     > "$OUT/ppo-step.json" 2> "$OUT/ppo-step.err"
@@ -110,12 +119,24 @@ def load(p):
     except Exception as e:
         return {"error": f"{os.path.basename(p)}: {e}; see the .err file"}
 res = {"env": open(os.path.join(out, "env.txt")).read().splitlines(), "parity": {}, "decode": {}}
+sc = open(os.path.join(out, "selfcheck.txt")).read().strip().splitlines()
+res["selfcheck"] = {"exit": int(open(os.path.join(out, "selfcheck.rc")).read()),
+                    "summary": sc[-1] if sc else "no output",
+                    "failures": [l.strip() for l in sc if l.startswith("FAIL") or l.startswith("       ")]}
+def max_abs_diff(got, want):
+    # Fails loudly on a length mismatch or a non-finite value (never max() over NaN).
+    if got is None or len(got) != len(want):
+        return f"length {None if got is None else len(got)} where {len(want)} was expected"
+    bad = [i for i, (a, b) in enumerate(zip(got, want)) if a is None or not (abs(a) < float("inf"))]
+    if bad:
+        return f"non-finite at positions {bad}"
+    return max(abs(a - b) for a, b in zip(got, want))
 for f in sorted(glob.glob("tests/fixtures/qwen2/*/")):
     name = os.path.basename(f.rstrip("/"))
     want = json.load(open(f + "reference.json"))["text"]["continuation_logprobs"]
     got = load(os.path.join(out, f"parity-{name}.json"))
     lp = got.get("continuation_logprobs")
-    res["parity"][name] = {"max_abs_diff": max(abs(a - b) for a, b in zip(lp, want))} if lp else got
+    res["parity"][name] = {"max_abs_diff": max_abs_diff(lp, want)} if "continuation_logprobs" in got else got
 # 3B geometry: bf16 weights = 2 bytes x 3.09e9; our KV cache is f32: 72 KiB per cached token.
 weights, kv_per_token = 3.09e9 * 2, 36 * 1024 * 2
 for rows in (64, 256):
@@ -127,6 +148,9 @@ res["ppo_step"] = load(os.path.join(out, "ppo-step.json"))
 json.dump(res, open(os.path.join(out, "gpu-check.json"), "w"), indent=1)
 with open(os.path.join(out, "gpu-check.md"), "w") as md:
     md.write("# gpu-check\n\n" + "\n".join("    " + l for l in res["env"]) + "\n\n")
+    md.write(f"selfcheck (exit {res['selfcheck']['exit']}): {res['selfcheck']['summary']}\n\n")
+    for l in res["selfcheck"]["failures"][:20]:
+        md.write(f"    {l}\n")
     md.write("| fixture | max abs log-prob diff vs transformers |\n|---|---|\n")
     for k, v in res["parity"].items():
         md.write(f"| {k} | {v.get('max_abs_diff', v)} |\n")

@@ -49,6 +49,22 @@ pub enum Command {
     Export(ExportArgs),
     /// The memory plan of a training config, computed without loading weights.
     Plan(PlanArgs),
+    /// Differential check of this build's backend against the CPU reference (ndarray): model,
+    /// trainer and sampler entry points over a sweep of shapes; exit 1 on any mismatch.
+    Selfcheck(SelfcheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SelfcheckArgs {
+    /// Number of shapes to draw.
+    #[arg(long, default_value_t = 24)]
+    pub cases: usize,
+    /// Seed of the drawn shapes, weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// One JSON object per case instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -416,7 +432,71 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Plot(a) => plot(a),
         Command::Export(a) => export::<B::InnerBackend>(a, &device),
         Command::Plan(a) => plan(a),
+        Command::Selfcheck(a) => selfcheck::<B>(a, &device),
     }
+}
+
+fn selfcheck<B: AutodiffBackend>(a: SelfcheckArgs, device: &B::Device) -> Result<()> {
+    use crate::selfcheck::{cases, run_case};
+    type Reference = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+    if a.cases == 0 {
+        bail!("--cases must be at least 1");
+    }
+    let started = std::time::Instant::now();
+    let (mut failed, mut checks) = (0usize, 0usize);
+    let (mut worst_abs, mut worst_grad) = (0f64, 0f64);
+    for (i, case) in cases(a.seed, a.cases).iter().enumerate() {
+        let results = run_case::<B, Reference>(case, device, &Default::default());
+        checks += results.len();
+        let bad: Vec<&String> = results
+            .iter()
+            .filter_map(|c| c.result.as_ref().err())
+            .collect();
+        let (mut abs, mut grad) = (0f64, 0f64);
+        for d in results.iter().filter_map(|c| {
+            c.result
+                .as_ref()
+                .ok()
+                .map(|d| (c.name.starts_with("grad"), d))
+        }) {
+            match d.0 {
+                true => grad = grad.max(d.1.max_abs),
+                false => abs = abs.max(d.1.max_abs),
+            }
+        }
+        worst_abs = worst_abs.max(abs);
+        worst_grad = worst_grad.max(grad);
+        if !bad.is_empty() {
+            failed += 1;
+        }
+        if a.json {
+            println!(
+                "{}",
+                json!({"case": i, "shape": case.to_string(), "checks": results.len(),
+                       "max_abs_error": abs, "max_abs_grad_error": grad, "failures": bad})
+            );
+        } else {
+            let verdict = if bad.is_empty() { "ok  " } else { "FAIL" };
+            println!(
+                "{verdict} case {i:>3}: {case}  ({} checks, max |err| {abs:.1e}, gradients {grad:.1e})",
+                results.len()
+            );
+            for b in &bad {
+                println!("       {b}");
+            }
+        }
+    }
+    let summary = format!(
+        "selfcheck: {} cases, {checks} checks, {failed} failing cases; max |err| {worst_abs:.1e} \
+         (outputs), {worst_grad:.1e} (gradients); {:.0} s",
+        a.cases,
+        started.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!("{summary}");
+    }
+    eprintln!("{summary}");
+    Ok(())
 }
 
 fn plan(a: PlanArgs) -> Result<()> {

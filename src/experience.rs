@@ -94,8 +94,9 @@ impl Batch {
         }
     }
 
-    /// Model inputs for columns `0 .. P + R − 1` (the last column predicts nothing we need).
-    fn inputs<B: Backend>(
+    /// Model inputs (tokens, positions, validity) for columns `0 .. P + R − 1` (the last column
+    /// predicts nothing we need).
+    pub fn inputs<B: Backend>(
         &self,
         device: &B::Device,
     ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {

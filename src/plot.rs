@@ -14,6 +14,21 @@ use serde_json::Value;
 use crate::verifier::Stage;
 
 const FONT: &str = "sans-serif";
+
+/// DejaVu Sans (assets/fonts, Bitstream Vera license), compiled in so that drawing needs no
+/// system font library: the binary links only libc, libm and libgcc (a bare CUDA image has no
+/// fontconfig or freetype).
+static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+/// Registers the embedded font as [`FONT`] (once per process).
+fn register_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok()
+    });
+    ok.then_some(())
+        .ok_or_else(|| anyhow!("the embedded font (assets/fonts/DejaVuSans.ttf) is invalid"))
+}
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -291,6 +306,7 @@ fn draw_training<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, c: &RunCurve
 /// Writes `training.png` and `training.svg` for a run folder (or a `metrics.jsonl` path) into
 /// `out`; returns the files written.
 pub fn training_figures(run: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    register_font()?;
     let metrics = if run.is_dir() {
         run.join("metrics.jsonl")
     } else {
@@ -441,6 +457,7 @@ fn draw_eval<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, models: &[EvalBa
 
 /// Writes `eval.png` and `eval.svg` (one bar group per dataset, one bar per summary) into `out`.
 pub fn eval_figures(summaries: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+    register_font()?;
     if summaries.is_empty() {
         bail!("no summary.json given");
     }

@@ -9,6 +9,8 @@ use med_rlvr::experience::{ragged, token_budget_groups, Batch};
 use med_rlvr::sampler::{self, NoDetokenizer, SamplingParams};
 use qwen2_burn::load_qwen2;
 
+mod common;
+
 type B = NdArray<f32>;
 
 #[test]
@@ -45,13 +47,10 @@ fn batch_logprobs_equal_rollout_logprobs() {
         .collect();
     let lens: Vec<usize> = samples.iter().map(|s| s.output_ids.len()).collect();
     let lp = ragged(Batch::new(&rows).logprobs(&m, 3, &dev), &lens);
-    let mut worst = 0.0f64;
+    assert_eq!(lp.len(), samples.len());
     for (s, row) in samples.iter().zip(&lp) {
-        for (a, b) in s.logprobs.iter().zip(row) {
-            worst = worst.max((*a as f64 - b).abs());
-        }
+        common::assert_close("batch vs rollout log-probs", row, &s.logprobs, 1e-4);
     }
-    assert!(worst < 1e-4, "batch vs rollout log-prob max diff {worst:e}");
 }
 
 /// Reference log-probs and critic values computed in token-budget batches (sequences grouped by
@@ -102,7 +101,6 @@ fn budget_batched_logprobs_and_values_equal_one_at_a_time() {
             ragged(b.values(&critic, &dev), &n).remove(0),
         )
     };
-    let mut worst = 0.0f64;
     for g in &groups {
         let rows: Vec<(&[u32], &[u32])> = g
             .iter()
@@ -114,11 +112,9 @@ fn budget_batched_logprobs_and_values_equal_one_at_a_time() {
         let v = ragged(b.values(&critic, &dev), &n);
         for (k, &i) in g.iter().enumerate() {
             let (lp1, v1) = one(i);
-            for (x, y) in lp[k].iter().chain(&v[k]).zip(lp1.iter().chain(&v1)) {
-                worst = worst.max((x - y).abs());
-            }
+            common::assert_close("batched vs alone log-probs", &lp[k], &lp1, 1e-5);
+            common::assert_close("batched vs alone values", &v[k], &v1, 1e-5);
         }
     }
-    assert!(worst < 1e-5, "batched vs alone max diff {worst:e}");
     let _ = c;
 }

@@ -12,6 +12,8 @@ use med_rlvr::config::TrainConfig;
 use med_rlvr::parallel::World;
 use med_rlvr::trainer::{self, RunOptions, StepMetrics, Trainer};
 
+mod common;
+
 type Inner = NdArray<f32>;
 type B = Autodiff<Inner>;
 
@@ -47,12 +49,9 @@ fn weights<M: Module<Bk>, Bk: Backend>(m: &M) -> Vec<f32> {
     c.0
 }
 
+/// `max |a − b|` (NaN, infinity or a length mismatch fail the test).
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    common::assert_close("weights", a, b, f64::MAX) as f32
 }
 
 /// Metrics, actor weights and critic weights after `steps` steps of one replica.

@@ -7,6 +7,8 @@ use med_rlvr::advantages::{self as adv, Estimator, Grid, KlEstimator};
 use med_rlvr::loss::{self, Aggregation};
 use serde_json::Value;
 
+mod common;
+
 fn fixture() -> Value {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -38,10 +40,9 @@ fn vec1(v: &Value) -> Vec<f64> {
 }
 
 fn assert_close(got: &Grid, want: &Grid, tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: rows");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        for (j, (a, b)) in g.iter().zip(w).enumerate() {
-            assert!((a - b).abs() <= tol, "{what}[{i}][{j}]: {a} vs {b}");
-        }
+        common::assert_close(&format!("{what}[{i}]"), g, w, tol);
     }
 }
 
@@ -211,10 +212,11 @@ fn critic_free_estimators_by_hand() {
         2.0 / 3.0 / s2,
         -4.0 / 3.0 / s2,
     ];
-    for (a, b) in g(Estimator::Grpo).iter().zip(want_grpo) {
-        assert!((a - b).abs() < 1e-8, "grpo {a} vs {b}");
-    }
-    let close = |a: Vec<f64>, b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+    common::assert_close("grpo", &g(Estimator::Grpo), &want_grpo, 1e-8);
+    let close = |a: Vec<f64>, b: &[f64]| {
+        common::assert_close("critic-free advantages", &a, b, 1e-12);
+        true
+    };
     assert!(close(
         g(Estimator::DrGrpo),
         &[
@@ -244,10 +246,9 @@ fn critic_free_estimators_by_hand() {
         [0.5 - 0.06, 0.5 - 0.05, 0.5 - 0.03],
         [-0.5 - 0.0, -0.5 + 0.05, 0.0],
     ];
+    assert_eq!(a.len(), want.len());
     for (row, w) in a.iter().zip(want) {
-        for (x, y) in row.iter().zip(w) {
-            assert!((x - y).abs() < 1e-12, "{x} vs {y}");
-        }
+        common::assert_close("return-to-go advantages", row, &w, 1e-12);
     }
     // reinforce_pp whitens: valid tokens have mean 0 and unit population variance.
     let w =

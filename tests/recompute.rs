@@ -97,12 +97,10 @@ fn kept_vs_recomputed<B: AutodiffBackend, M: AutodiffModule<B>>(
                 (Some(x), Some(y)) => {
                     let x: Vec<f32> = x.into_data().convert::<f32>().to_vec().unwrap();
                     let y: Vec<f32> = y.into_data().convert::<f32>().to_vec().unwrap();
-                    let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-                    let diff = x
-                        .iter()
-                        .zip(&y)
-                        .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-                    self.worst = self.worst.max((diff / scale) as f64);
+                    let scale =
+                        common::assert_close("|gradient|", &x, &vec![0f32; x.len()], f64::MAX);
+                    let diff = common::assert_close("gradient", &y, &x, f64::MAX);
+                    self.worst = self.worst.max(diff / scale.max(1e-12));
                     self.n += 1;
                 }
                 _ => panic!("a parameter has a gradient on one path only"),

@@ -11,6 +11,8 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
 use qwen2_burn::lora::ALL_TARGETS;
 use qwen2_burn::{load_qwen2, LoraSpec, Qwen2};
 
+mod common;
+
 type I = Flex;
 type B = Autodiff<I>;
 
@@ -43,13 +45,6 @@ fn values<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
 
 fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Bytes held by the module's float parameters.
@@ -96,7 +91,11 @@ fn a_bf16_base_halves_the_weights_and_tracks_the_f32_logits() {
         // path is right, its error shrinks with the format's precision (≈ 8×); a wrong cast,
         // layout or bias would not.
         let zh = values(logits(&m32.clone().with_base_dtype(FloatDType::F16)));
-        let (d, dh, scale) = (max_diff(&z32, &z16), max_diff(&z32, &zh), max_abs(&z32));
+        let (d, dh, scale) = (
+            common::max_diff(&z32, &z16),
+            common::max_diff(&z32, &zh),
+            max_abs(&z32),
+        );
         eprintln!("{name}: max |Δ logit| bf16 {d:.4}, f16 {dh:.4}, max |logit| {scale:.3}");
         assert!(d > 0.0, "{name}: the bf16 path was not taken");
         // This random 3-layer model is sensitive: rounding only its weights to bf16 already
@@ -203,5 +202,5 @@ fn adapters_on_a_bf16_base_get_close_gradients_and_merge_to_f32() {
         DType::F32
     );
     let (zm, za) = (values(logits(&merged)), values(logits(&m16)));
-    assert!(max_diff(&zm, &za) <= 0.02 * max_abs(&za));
+    assert!(common::max_diff(&zm, &za) <= 0.02 * max_abs(&za));
 }

@@ -11,6 +11,8 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use qwen2_burn::lora::ALL_TARGETS;
 use qwen2_burn::{load_lora, load_qwen2, save_lora, LoraSpec, ModelError, Qwen2};
 
+mod common;
+
 type I = NdArray<f32>;
 type B = Autodiff<I>;
 
@@ -78,13 +80,6 @@ fn perturb(m: Qwen2<B>) -> Qwen2<B> {
     m
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn starts_as_the_base_and_merges_exactly() {
     let dev = Default::default();
@@ -100,14 +95,14 @@ fn starts_as_the_base_and_merges_exactly() {
     let adapted = perturb(adapted);
     let with = logits(&adapted);
     assert!(
-        max_diff(&with, &base_logits) > 1e-3,
+        common::max_diff(&with, &base_logits) > 1e-3,
         "adapters had no effect"
     );
     let merged = logits(&adapted.clone().merge_lora());
     assert!(
-        max_diff(&with, &merged) < 1e-4,
+        common::max_diff(&with, &merged) < 1e-4,
         "merge differs by {}",
-        max_diff(&with, &merged)
+        common::max_diff(&with, &merged)
     );
     // Adapters off is the base again.
     assert_eq!(logits(&adapted.without_lora()), base_logits);

@@ -9,6 +9,8 @@ use burn::tensor::{Bool, Int, Tensor, TensorData};
 use qwen2_burn::{load_qwen2, save_qwen2, KvCache, ModelError, Qwen2, Qwen2Config, SaveDtype};
 use serde_json::Value;
 
+mod common;
+
 type B = NdArray<f32>;
 
 const MODELS: [&str; 3] = ["tied-bf16-sharded", "untied-f32-mha", "tied-f16-gqa"];
@@ -61,14 +63,6 @@ fn full_logprobs(model: &Qwen2<B>, seq: &[i64]) -> Vec<f32> {
     );
     let lp = model.token_logprobs(hidden, int2(&[seq[1..].to_vec()]), 5);
     lp.into_data().to_vec::<f32>().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn last_logits(model: &Qwen2<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
@@ -125,7 +119,7 @@ fn logprobs_match_transformers_within_1e4() {
             .zip(r["logprobs"].as_array().unwrap())
         {
             let got = full_logprobs(&model, &ids(seq));
-            let d = max_abs_diff(&got, &floats(want));
+            let d = common::max_diff(&got, &floats(want));
             assert!(d < 1e-4, "{name}: max |Δ logprob| = {d:e}");
         }
     }
@@ -185,7 +179,7 @@ fn cached_decode_equals_full_forward() {
         stepwise.extend(model.logits(h).into_data().to_vec::<f32>().unwrap());
     }
     assert_eq!(stepwise.len(), t * v);
-    let d = max_abs_diff(&stepwise, &full);
+    let d = common::max_diff(&stepwise, &full);
     assert!(d < 1e-5, "cached vs full logits: max diff {d:e}");
 }
 
@@ -248,7 +242,7 @@ fn left_padded_batch_equals_each_row_alone() {
             let row = &prefill_lp[i * (width - 1)..(i + 1) * (width - 1)];
             batch_lp.push(row[width - s.len()..].to_vec());
             let alone = full_logprobs(&model, s);
-            let d = max_abs_diff(&row[width - s.len()..], &alone);
+            let d = common::max_diff(&row[width - s.len()..], &alone);
             assert!(d < 1e-5, "{name} row {i}: padded vs alone max diff {d:e}");
             // The decode step after the padded prefill equals the unpadded model's next logits.
             let t = s.len();
@@ -260,7 +254,7 @@ fn left_padded_batch_equals_each_row_alone() {
             );
             let alone_next = last_logits(&model, h);
             let v = config.vocab_size;
-            let d = max_abs_diff(&step_logits[i * v..(i + 1) * v], &alone_next);
+            let d = common::max_diff(&step_logits[i * v..(i + 1) * v], &alone_next);
             assert!(
                 d < 1e-5,
                 "{name} row {i}: padded decode step vs alone max diff {d:e}"

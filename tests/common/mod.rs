@@ -35,3 +35,18 @@ macro_rules! per_backend {
         }
     };
 }
+
+/// Asserts `got` equals `want` element by element within `tol` (absolute), through the one
+/// comparison of the project ([`med_rlvr::compare::check_close`]): fails on NaN/Inf and on a
+/// length mismatch. Returns the largest absolute error.
+#[allow(dead_code)]
+pub fn assert_close<G, W>(what: &str, got: &[G], want: &[W], tol: f64) -> f64
+where
+    G: Copy + Into<f64>,
+    W: Copy + Into<f64>,
+{
+    match med_rlvr::compare::check_close(what, got, want, med_rlvr::compare::Tolerance::abs(tol)) {
+        Ok(d) => d.max_abs,
+        Err(e) => panic!("{e}"),
+    }
+}
