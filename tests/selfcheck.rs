@@ -48,7 +48,7 @@ fn count() -> u32 {
     std::env::var("MEDRLVR_SWEEP_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if cfg!(feature = "wgpu") { 12 } else { 24 })
+        .unwrap_or(if cfg!(feature = "wgpu") { 6 } else { 24 })
 }
 
 fn every_entry_point_equals_the_cpu_reference<B: AutodiffBackend>() {
@@ -141,12 +141,17 @@ fn two_ppo_steps_equal_the_cpu_reference<B: AutodiffBackend>() {
 
 /// `logprobs` (teacher forcing, the `logprobs` command's path) equals the CPU reference within
 /// 1e-4 at every position for every total length 2–70, on the demo model (tied head, vocabulary
-/// 1,457) and on the untied f32 fixture.
+/// 1,457) and, on the CPU backends, the untied f32 fixture too (software Vulkan is slow).
 fn logprobs_equal_the_cpu_reference_at_every_total_length<B: AutodiffBackend>() {
     use med_rlvr::cli::continuation_logprobs;
     use qwen2_burn::load_qwen2;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for dir in ["assets/demo/model", "tests/fixtures/qwen2/untied-f32-mha"] {
+    let dirs: &[&str] = if cfg!(feature = "wgpu") {
+        &["assets/demo/model"]
+    } else {
+        &["assets/demo/model", "tests/fixtures/qwen2/untied-f32-mha"]
+    };
+    for dir in dirs {
         let (c, got) = load_qwen2::<B>(&root.join(dir), &Default::default()).unwrap();
         let (_, want) = load_qwen2::<Reference>(&root.join(dir), &Default::default()).unwrap();
         for total in 2..=70usize {
