@@ -5,13 +5,14 @@
 
 use std::path::Path;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use med_rlvr::critic::Critic;
 use med_rlvr::experience::{grid_tensor, Batch, Trainable};
 use med_rlvr::loss::{self, Aggregation};
+use med_rlvr::selfcheck::Perturb;
 use qwen2_burn::{load_qwen2, LoraSpec, Qwen2};
 
 mod common;
@@ -47,28 +48,6 @@ fn pattern(b: usize, r: usize, k: f64) -> Vec<Vec<f64>> {
                 .collect()
         })
         .collect()
-}
-
-/// Moves every trainable parameter off its initial value (LoRA's B starts at zero, which would
-/// make A's gradient zero and the comparison weak).
-struct Perturb(u64);
-
-impl<B: AutodiffBackend> ModuleMapper<B> for Perturb {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        if !tensor.is_require_grad() {
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        self.0 += 1;
-        let shape = tensor.shape();
-        let n = shape.num_elements();
-        let noise: Vec<f32> = (0..n)
-            .map(|i| 0.05 * ((i as f64 * 0.37 + self.0 as f64).sin() as f32))
-            .collect();
-        let inner = tensor.clone().inner()
-            + Tensor::from_data(TensorData::new(noise, shape), &tensor.device());
-        Param::from_mapped_value(id, Tensor::from_inner(inner).require_grad(), mapper)
-    }
 }
 
 /// `grads(module, recompute)` with the kept graph (`a`) and with recomputation (`b`):

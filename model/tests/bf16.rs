@@ -183,6 +183,7 @@ fn adapters_on_a_bf16_base_get_close_gradients_and_merge_to_f32() {
     );
     let ((a32, b32), (a16, b16)) = (run(&m32), run(&m16));
     for (what, x, y) in [("q_proj A", &a32, &a16), ("down_proj B", &b32, &b16)] {
+        assert_eq!(x.len(), y.len(), "{what}: gradient lengths");
         let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
         let diff = x
             .iter()
