@@ -135,8 +135,14 @@ pub fn load_record<B: Backend, R: Record<B>>(path: &Path, device: &B::Device) ->
     if !path.is_file() {
         bail!("{}: missing", path.display());
     }
-    Recorder::<B>::load(&recorder(), path.with_extension(""), device)
-        .map_err(|e| anyhow!("{}: unreadable or truncated: {e}", path.display()))
+    // Burn's own message speaks of record formats and versions; the cause is the file.
+    Recorder::<B>::load(&recorder(), path.with_extension(""), device).map_err(|_| {
+        anyhow!(
+            "{}: optimizer state unreadable (truncated or corrupt); resume from an earlier \
+             checkpoint of the run",
+            path.display()
+        )
+    })
 }
 
 fn fsync_tree(dir: &Path) -> Result<()> {
@@ -216,6 +222,13 @@ pub fn write_atomic(
 }
 
 /// Complete checkpoints (`step-*` folders with a `state.json`) under `root`, oldest first.
+/// A checkpoint holding what a resume reads first: its loop state, config and actor.
+fn is_complete(dir: &Path) -> bool {
+    dir.join("state.json").is_file()
+        && dir.join("config.toml").is_file()
+        && dir.join("actor").is_dir()
+}
+
 fn complete_checkpoints(root: &Path) -> Vec<(usize, PathBuf)> {
     let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
@@ -225,7 +238,7 @@ fn complete_checkpoints(root: &Path) -> Vec<(usize, PathBuf)> {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("step-")?.parse().ok()?;
             let p = e.path();
-            p.join("state.json").is_file().then_some((step, p))
+            is_complete(&p).then_some((step, p))
         })
         .collect();
     v.sort();
@@ -253,7 +266,7 @@ pub fn resolve(spec: &Path, run: Option<&Path>) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
     if let Ok(name) = std::fs::read_to_string(root.join("latest")) {
         let p = root.join(name.trim());
-        if p.join("state.json").is_file() {
+        if is_complete(&p) {
             return Ok(p);
         }
     }
@@ -290,6 +303,14 @@ pub fn read_state(dir: &Path) -> Result<LoopState> {
 
 pub fn write_state(dir: &Path, s: &LoopState) -> Result<()> {
     let p = dir.join("state.json");
+    // JSON has no NaN: a non-finite β would be written as null and the resume could not read it.
+    if !s.kl_coef.is_finite() {
+        bail!(
+            "{}: kl_coef is {}; refusing to write a state no resume can read",
+            p.display(),
+            s.kl_coef
+        );
+    }
     std::fs::write(&p, serde_json::to_string_pretty(s)?)
         .with_context(|| format!("{}: cannot write", p.display()))
 }

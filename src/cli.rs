@@ -14,6 +14,21 @@ use serde_json::json;
 use crate::sampler::{self, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
+/// `println!` that returns an error naming stdout instead of panicking when stdout is closed or
+/// its disk is full.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).context("cannot write to stdout")?
+    };
+}
+
+/// `print!`, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*).context("cannot write to stdout")?
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "med-rlvr",
@@ -57,7 +72,7 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct SelfcheckArgs {
     /// Number of shapes to draw.
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 24, value_parser = at_least_one)]
     pub cases: usize,
     /// Seed of the drawn shapes, weights and tokens.
     #[arg(long, default_value_t = 0)]
@@ -80,13 +95,14 @@ pub struct PlanArgs {
     pub set: Vec<String>,
     /// Longest prompt in tokens (default: measured on data.train with the model's tokenizer,
     /// else 512).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub prompt_len: Option<usize>,
     /// Fail (exit 1) when the peak exceeds this many GiB (default: model.memory_limit_gb).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_real, allow_negative_numbers = true)]
     pub limit_gb: Option<f64>,
     /// Plan one device of a `train --devices N` run (its share of the rollout).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub devices: usize,
     #[arg(long)]
     pub json: bool,
@@ -145,12 +161,12 @@ pub struct SftArgs {
     #[arg(long)]
     pub skip_invalid: bool,
     /// The paper: 10.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     pub epochs: usize,
     /// Learning rate; repeat for a grid (the paper: 1e-5, 5e-6, 1e-6), one run folder each.
-    #[arg(long = "lr", default_values_t = vec![1e-5])]
+    #[arg(long = "lr", default_values_t = vec![1e-5], value_parser = positive_real, allow_negative_numbers = true)]
     pub lr: Vec<f64>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     pub batch: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -158,7 +174,7 @@ pub struct SftArgs {
     /// merged model in OUT/final.
     #[arg(long, default_value_t = 0)]
     pub lora_rank: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, value_parser = positive_real, allow_negative_numbers = true)]
     pub lora_alpha: f64,
     /// Batch examples of similar length together (less padding; the order stays random).
     #[arg(long)]
@@ -186,20 +202,20 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "r1")]
     pub prompt: crate::prompt::PromptStyle,
     /// Generations per question.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub n: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = temperature, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = top_p, allow_negative_numbers = true)]
     pub top_p: f32,
     /// At most this many questions per dataset.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub limit: Option<usize>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least_one)]
     pub max_new_tokens: usize,
     /// Prompts per sampler batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub batch: usize,
     #[arg(long)]
     pub strict: bool,
@@ -208,7 +224,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub skip_invalid: bool,
     /// Bootstrap resamples.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
     pub resamples: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -257,6 +273,10 @@ pub struct TrainArgs {
     /// Resume even when the config differs from the checkpoint's in a way that changes the math.
     #[arg(long)]
     pub force: bool,
+    /// Replace the previous run in `--out` (its metrics, samples, checkpoints and final model);
+    /// without it an existing, non-empty `--out` is refused.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]
@@ -266,7 +286,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Epochs over the knowledge corpus (the first pretraining phase, see src/demo.rs).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     pub epochs: usize,
 }
 
@@ -286,10 +306,10 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Subtract this when the first sentence of think states the answer (off: 0).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_real, allow_negative_numbers = true)]
     pub answer_leak_penalty: f32,
     /// Subtract this when more than 15 words precede `<think>` (off: 0).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_real, allow_negative_numbers = true)]
     pub preamble_penalty: f32,
 }
 
@@ -317,18 +337,18 @@ pub struct GenerateArgs {
     /// A jsonl file, one `{"prompt": "..."}` (or a JSON string) per line; one output line per sample.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_new_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = temperature, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = top_p, allow_negative_numbers = true)]
     pub top_p: f32,
     /// 0 disables.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
     /// Samples per prompt.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub n: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -341,7 +361,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub no_eos_stop: bool,
     /// Prompts per batch in --prompts mode.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     pub batch_size: usize,
     #[arg(long)]
     pub json: bool,
@@ -353,21 +373,21 @@ pub struct BenchArgs {
     #[arg(long, required_unless_present = "verifier")]
     pub config: Option<PathBuf>,
     /// Verifier mode: score this many seeded random replies and count the rewards.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub verifier: Option<usize>,
     /// Use random weights (the only mode: benches measure kernels, not checkpoints).
     #[arg(long, default_value_t = true)]
     pub random_weights: bool,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub batch: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub prompt_len: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub new_tokens: usize,
     /// Rollout mode: `--batch` prompts × `--n` samples through the sampler.
     #[arg(long)]
     pub rollout: bool,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub n: usize,
     /// Rollout: make every k-th token id a stop id, so rows end at varied lengths (mean ≈ k).
     #[arg(long, default_value_t = 0)]
@@ -394,16 +414,69 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_recompute: bool,
     /// Update: use only the first N decoder layers of the geometry.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub layers: Option<usize>,
     /// Update: LoRA rank on every projection.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     pub lora_rank: usize,
     /// Update: log-prob chunk (`model.logprob_chunk`).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub chunk: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--flag N` with `N >= 1`.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(n) => Err(format!("{n} is out of range: must be at least 1")),
+        Err(e) => Err(format!("{s:?} is not a whole number ({e})")),
+    }
+}
+
+fn finite<T: std::str::FromStr + Into<f64> + Copy>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let x: T = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number ({e})"))?;
+    if x.into().is_finite() {
+        Ok(x)
+    } else {
+        Err(format!("{s} is not a finite number"))
+    }
+}
+
+/// A finite real `> 0` (learning rates, limits, LoRA alpha).
+fn positive_real(s: &str) -> Result<f64, String> {
+    let x: f64 = finite(s)?;
+    (x > 0.0)
+        .then_some(x)
+        .ok_or_else(|| format!("{s} is out of range: must be > 0"))
+}
+
+/// A finite real `>= 0` (penalties).
+fn non_negative_real(s: &str) -> Result<f32, String> {
+    let x: f32 = finite(s)?;
+    (x >= 0.0)
+        .then_some(x)
+        .ok_or_else(|| format!("{s} is out of range: must be >= 0"))
+}
+
+/// Sampling temperature: a finite real `>= 0` (0 is greedy).
+fn temperature(s: &str) -> Result<f32, String> {
+    non_negative_real(s).map_err(|e| format!("{e} (0 is greedy)"))
+}
+
+/// Nucleus mass in `(0, 1]`.
+fn top_p(s: &str) -> Result<f32, String> {
+    let x: f32 = finite(s)?;
+    (x > 0.0 && x <= 1.0)
+        .then_some(x)
+        .ok_or_else(|| format!("{s} is out of range: must be in (0, 1]"))
 }
 
 impl Cli {
@@ -420,6 +493,11 @@ impl Cli {
 /// Runs a parsed command line on backend `B` (training commands use `B`, inference its inner
 /// backend).
 pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
+    dispatch::<B>(cli, device)?;
+    std::io::stdout().flush().context("cannot write to stdout")
+}
+
+fn dispatch<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
     match cli.command {
         Command::Logprobs(a) => logprobs::<B::InnerBackend>(a, &device),
         Command::Generate(a) => generate::<B::InnerBackend>(a, &device),
@@ -439,9 +517,6 @@ pub fn run<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
 fn selfcheck<B: AutodiffBackend>(a: SelfcheckArgs, device: &B::Device) -> Result<()> {
     use crate::selfcheck::{cases, run_case};
     type Reference = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-    if a.cases == 0 {
-        bail!("--cases must be at least 1");
-    }
     let started = std::time::Instant::now();
     let (mut failed, mut checks) = (0usize, 0usize);
     let (mut worst_abs, mut worst_grad) = (0f64, 0f64);
@@ -470,19 +545,19 @@ fn selfcheck<B: AutodiffBackend>(a: SelfcheckArgs, device: &B::Device) -> Result
             failed += 1;
         }
         if a.json {
-            println!(
+            outln!(
                 "{}",
                 json!({"case": i, "shape": case.to_string(), "checks": results.len(),
                        "max_abs_error": abs, "max_abs_grad_error": grad, "failures": bad})
             );
         } else {
             let verdict = if bad.is_empty() { "ok  " } else { "FAIL" };
-            println!(
+            outln!(
                 "{verdict} case {i:>3}: {case}  ({} checks, max |err| {abs:.1e}, gradients {grad:.1e})",
                 results.len()
             );
             for b in &bad {
-                println!("       {b}");
+                outln!("       {b}");
             }
         }
     }
@@ -493,7 +568,7 @@ fn selfcheck<B: AutodiffBackend>(a: SelfcheckArgs, device: &B::Device) -> Result
         started.elapsed().as_secs_f64()
     );
     if failed > 0 {
-        bail!("{summary}");
+        return Err(crate::exit::RunFailed(summary).into());
     }
     eprintln!("{summary}");
     Ok(())
@@ -506,6 +581,9 @@ fn plan(a: PlanArgs) -> Result<()> {
         cfg.model.path = m.clone();
     }
     let m = &cfg.model.path;
+    if m.as_os_str().is_empty() {
+        bail!("model.path is not set: give --model DIR (or a config.json) or set model.path");
+    }
     let (geometry, dir) = if m.is_file() {
         (
             Qwen2Config::from_file(m)?,
@@ -554,9 +632,9 @@ fn plan(a: PlanArgs) -> Result<()> {
         a.devices.max(1),
     ));
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&plan)?);
+        outln!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        print!("{}", plan.render());
+        out!("{}", plan.render());
     }
     if let Some(gb) = a.limit_gb.or(cfg.model.memory_limit_gb) {
         let limit = (gb * (1u64 << 30) as f64) as u64;
@@ -586,7 +664,7 @@ fn plan(a: PlanArgs) -> Result<()> {
             show(mb),
             show(gb_rows)
         );
-        plan.check(limit).map_err(|e| anyhow::anyhow!("{e}"))?;
+        plan.check(limit).map_err(crate::exit::RunFailed)?;
         eprintln!("fits in {gb} GiB");
     }
     Ok(())
@@ -628,13 +706,24 @@ fn export<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
             src.display()
         );
     };
-    let (config, model, tok) = if actor.join("adapter_config.json").is_file() {
-        // LoRA: merge the adapters into their base (--base, else the path recorded at training).
-        let base = match &a.base {
+    let base = match actor.join("adapter_config.json").is_file() {
+        true => Some(match &a.base {
             Some(b) => b.clone(),
             None => adapter_base(&actor)?,
-        };
-        let (config, model, tok) = load_model::<B>(&base, device)?;
+        }),
+        false => None,
+    };
+    let mut inputs = vec![
+        ("checkpoint", src.as_path()),
+        ("model folder", actor.as_path()),
+    ];
+    if let Some(b) = &base {
+        inputs.push(("base model", b.as_path()));
+    }
+    crate::paths::refuse_overlap("--out", &a.out, &inputs)?;
+    let (config, model, tok) = if let Some(base) = &base {
+        // LoRA: merge the adapters into their base (--base, else the path recorded at training).
+        let (config, model, tok) = load_model::<B>(base, device)?;
         let (model, _) = qwen2_burn::load_lora(model, &actor, device)?;
         (config, model.merge_lora(), tok)
     } else {
@@ -647,7 +736,7 @@ fn export<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     crate::checkpoint::copy_tokenizer_files(&tok_dir, &a.out)?;
-    println!("{}", a.out.display());
+    outln!("{}", a.out.display());
     Ok(())
 }
 
@@ -665,7 +754,7 @@ fn plot(a: PlotArgs) -> Result<()> {
         crate::plot::eval_figures(&a.eval, &a.out.unwrap_or_else(|| PathBuf::from(".")))?
     };
     for f in files {
-        println!("{}", f.display());
+        outln!("{}", f.display());
     }
     Ok(())
 }
@@ -679,29 +768,47 @@ pub fn load_model<B: Backend>(
         bail!("{}: model folder not found", dir.display());
     }
     let tokenizer = Tokenizer::from_dir(dir)?;
+    tokenizer.check_fits(Qwen2Config::from_dir(dir)?.vocab_size)?;
     let (config, model) = load_qwen2::<B>(dir, device)?;
     Ok((config, model, tokenizer))
 }
 
 fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
     crate::demo::announce_default("model", &a.model);
-    let (_config, model, tok) = load_model::<B>(&a.model, device)?;
+    let (config, model, tok) = load_model::<B>(&a.model, device)?;
     let p = tok.encode(&a.prompt)?;
     let c = tok.encode(&a.continuation)?;
     if p.is_empty() {
         bail!("--prompt tokenizes to no tokens: the first continuation token needs a context");
     }
+    crate::tokenizer::check_context(
+        config.max_position_embeddings,
+        p.len() + c.len(),
+        &format!(
+            "--prompt ({} tokens) and --continuation ({})",
+            p.len(),
+            c.len()
+        ),
+    )?;
     let lps = continuation_logprobs(&model, &p, &c, device);
+    if let Some(j) = lps.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "the model computed a non-finite log-prob ({}) for continuation token {j}: its \
+             weights in {} hold NaN/Inf or overflow",
+            lps[j],
+            a.model.display()
+        );
+    }
     if a.json {
-        println!(
+        outln!(
             "{}",
             json!({"prompt_ids": p, "continuation_ids": c, "continuation_logprobs": lps})
         );
     } else {
         for (id, lp) in c.iter().zip(&lps) {
-            println!("{id}\t{lp:.6}\t{:?}", tok.decode_raw(&[*id]));
+            outln!("{id}\t{lp:.6}\t{:?}", tok.decode_raw(&[*id]));
         }
-        println!("sum\t{:.6}", lps.iter().map(|&x| x as f64).sum::<f64>());
+        outln!("sum\t{:.6}", lps.iter().map(|&x| x as f64).sum::<f64>());
     }
     Ok(())
 }
@@ -773,11 +880,21 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
         (None, Some(f)) => read_prompts(f)?,
         (None, None) => bail!("give --prompt TEXT or --prompts FILE.jsonl"),
     };
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    if let (true, Some(f)) = (texts.is_empty(), &a.prompts) {
+        bail!(
+            "{}: no prompts (the file has no non-empty line)",
+            f.display()
+        );
     }
-    if a.temperature < 0.0 {
-        bail!("--temperature must be >= 0, got {}", a.temperature);
+    if let Some(&id) = a
+        .stop_token
+        .iter()
+        .find(|&&id| id as usize >= config.vocab_size)
+    {
+        bail!(
+            "--stop-token {id}: not a token of this model (vocab_size {})",
+            config.vocab_size
+        );
     }
     let mut stop_token_ids = a.stop_token.clone();
     if !a.no_eos_stop {
@@ -802,9 +919,30 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
     if let Some(i) = encoded.iter().position(Vec::is_empty) {
         bail!("prompt {} tokenizes to no tokens", i + 1);
     }
+    for (i, p) in encoded.iter().enumerate() {
+        crate::tokenizer::check_context(
+            config.max_position_embeddings,
+            p.len() + a.max_new_tokens,
+            &format!(
+                "prompt {} ({} tokens) and --max-new-tokens {}",
+                i + 1,
+                p.len(),
+                a.max_new_tokens
+            ),
+        )?;
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for s in sampler::generate(&model, &config, &encoded, &params, &tok, device) {
+        if let Some(j) = s.logprobs.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "prompt {} sample {}: the model computed a non-finite log-prob at new token {j}: \
+                 its weights in {} hold NaN/Inf or overflow",
+                s.prompt_index + 1,
+                s.sample_index,
+                a.model.display()
+            );
+        }
         let prompt_ids = &encoded[s.prompt_index];
         let text = tok.decode(&s.output_ids);
         if a.json {
@@ -829,7 +967,7 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
 fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
     type B<A> = <A as AutodiffBackend>::InnerBackend;
     if let Some(count) = a.verifier {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(&crate::bench::verifier(count, 0))?
         );
@@ -837,8 +975,22 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
     }
     let mut config = Qwen2Config::from_file(a.config.as_deref().context("--config is required")?)?;
     if let Some(n) = a.layers {
+        if n > config.num_hidden_layers {
+            bail!(
+                "--layers {n}: the geometry has only {} decoder layers",
+                config.num_hidden_layers
+            );
+        }
         config.num_hidden_layers = n;
     }
+    crate::tokenizer::check_context(
+        config.max_position_embeddings,
+        a.prompt_len + a.new_tokens,
+        &format!(
+            "--prompt-len {} and --new-tokens {}",
+            a.prompt_len, a.new_tokens
+        ),
+    )?;
     if a.update {
         let spec = qwen2_burn::LoraSpec {
             rank: a.lora_rank,
@@ -859,7 +1011,7 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
             },
             device,
         )?;
-        println!("{}", serde_json::to_string(&line)?);
+        outln!("{}", serde_json::to_string(&line)?);
         return Ok(());
     }
     let mut model = Qwen2::<B<A>>::init_random(&config, 0, device);
@@ -896,9 +1048,9 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
         ))?
     };
     if a.json {
-        println!("{line}");
+        outln!("{line}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&line)?);
+        outln!("{}", serde_json::to_string_pretty(&line)?);
     }
     Ok(())
 }
@@ -919,6 +1071,13 @@ fn score(a: ScoreArgs) -> Result<()> {
     let path = &a.input;
     let f =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    if let Some(o) = &a.out {
+        crate::paths::refuse_overlap("--out", o, &[("--input", path)])?;
+    }
+    let out_name = a
+        .out
+        .as_ref()
+        .map_or("stdout".to_string(), |p| p.display().to_string());
     let mut out: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("{}: cannot create", p.display()))?,
@@ -954,6 +1113,13 @@ fn score(a: ScoreArgs) -> Result<()> {
                 .with_context(|| format!("{}: `num_options` must be 1..=26", at()))?
                 as usize,
         };
+        if (gold as u8 - b'A') as usize >= n {
+            bail!(
+                "{}: `answer` {gold} is not among the {n} options (A–{})",
+                at(),
+                (b'A' + n as u8 - 1) as char
+            );
+        }
         let gold_text = v
             .get("gold_text")
             .and_then(|x| x.as_str())
@@ -974,10 +1140,17 @@ fn score(a: ScoreArgs) -> Result<()> {
         if let serde_json::Value::Object(d) = serde_json::to_value(&verdict.diagnostics)? {
             obj.extend(d);
         }
-        writeln!(out, "{v}")?;
+        writeln!(out, "{v}").with_context(|| format!("{out_name}: cannot write"))?;
         verdicts.push(verdict);
     }
-    out.flush()?;
+    out.flush()
+        .with_context(|| format!("{out_name}: cannot write"))?;
+    if verdicts.is_empty() {
+        bail!(
+            "{}: no replies to score (the file has no non-empty line)",
+            path.display()
+        );
+    }
     let s = Summary::from_verdicts(&verdicts);
     eprintln!(
         "scored {}: mean reward {:.4}, format rate {:.4}, accuracy {:.4}",
@@ -1005,7 +1178,21 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     }
     if let Some(d) = a.data {
         cfg.data.train = d;
+        // The embedded preset's format and held-out set describe the demo task, not this file.
+        if a.config.is_none() && resume.is_none() {
+            let set = |key: &str| a.set.iter().any(|o| o.trim_start().starts_with(key));
+            if !set("data.format") {
+                cfg.data.format = crate::task::DataFormat::Auto;
+            }
+            if !set("data.eval") && cfg.data.eval.take().is_some() {
+                eprintln!(
+                    "--data with the embedded demo preset: data.format = \"auto\", no held-out \
+                     set (set data.eval to evaluate on one)"
+                );
+            }
+        }
     }
+    cfg.require_paths()?;
     if let Some(k) = a.save_every {
         cfg.train.save_every = k;
     }
@@ -1023,10 +1210,15 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
             eprintln!("warning: resuming with a changed setting: {d}");
         }
     }
-    let out = a
-        .out
-        .or_else(|| resume.as_deref().and_then(checkpoint::run_of))
-        .unwrap_or_else(crate::trainer::default_out_dir);
+    let mut inputs = vec![
+        ("model.path", cfg.model.path.as_path()),
+        ("data.train", cfg.data.train.as_path()),
+    ];
+    if let Some(e) = &cfg.data.eval {
+        inputs.push(("data.eval", e.as_path()));
+    }
+    let out =
+        crate::trainer::run_folder(a.out.as_deref(), resume.as_deref(), a.overwrite, &inputs)?;
     eprintln!("run folder: {}", out.display());
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -1047,7 +1239,10 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         inject_nan_steps: vec![],
         devices: a.devices,
     };
-    let outcome = crate::trainer::run::<B>(cfg, &out, device, &opts)?;
+    let outcome = crate::trainer::run::<B>(cfg, &out, device, &opts).inspect_err(|_| {
+        // A run refused before writing anything leaves no empty folder behind.
+        let _ = std::fs::remove_dir(&out);
+    })?;
     let metrics = &outcome.metrics;
     let first = metrics
         .first()
@@ -1113,14 +1308,8 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
         none_of_the_above: a.none_of_the_above,
         skip_invalid: a.skip_invalid,
     };
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("{}: cannot create", a.out.display()))?;
-    let gen_path = a.out.join("generations.jsonl");
-    let mut gen_file = std::io::BufWriter::new(
-        std::fs::File::create(&gen_path)
-            .with_context(|| format!("{}: cannot create", gen_path.display()))?,
-    );
-    let mut reports = Vec::new();
+    // Every dataset is read and checked before anything is written.
+    let mut sets = Vec::new();
     for path in &a.data {
         crate::demo::announce_default("data", path);
         let mut ds = task::load(path, a.format, &opts)?;
@@ -1134,6 +1323,59 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
         if let Some(k) = a.limit {
             ds.items.truncate(k);
         }
+        if ds.items.is_empty() {
+            let why = match &a.category {
+                Some(c) => {
+                    let all = task::load(
+                        path,
+                        a.format,
+                        &LoadOptions {
+                            category: None,
+                            ..opts.clone()
+                        },
+                    )?;
+                    let mut cats: Vec<String> =
+                        all.items.into_iter().filter_map(|it| it.category).collect();
+                    cats.sort();
+                    cats.dedup();
+                    format!(
+                        " of --category {c:?} (the file's categories: {})",
+                        if cats.is_empty() {
+                            "none".into()
+                        } else {
+                            cats.join(", ")
+                        }
+                    )
+                }
+                None => String::new(),
+            };
+            bail!("{}: no questions{why}; nothing to evaluate", path.display());
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = ds.items.iter().find(|it| !seen.insert(it.id.as_str())) {
+            bail!(
+                "{}: question id {:?} appears more than once; ids must be unique to match \
+                 generations to questions",
+                path.display(),
+                dup.id
+            );
+        }
+        sets.push((path, ds));
+    }
+    let gen_path = a.out.join("generations.jsonl");
+    let mut inputs: Vec<(&str, &Path)> = vec![("--model", a.model.as_path())];
+    inputs.extend(a.data.iter().map(|d| ("--data", d.as_path())));
+    for f in ["generations.jsonl", "summary.json", "table.md"] {
+        crate::paths::refuse_overlap("--out", &a.out.join(f), &inputs)?;
+    }
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create", a.out.display()))?;
+    let mut gen_file = std::io::BufWriter::new(
+        std::fs::File::create(&gen_path)
+            .with_context(|| format!("{}: cannot create", gen_path.display()))?,
+    );
+    let mut reports = Vec::new();
+    for (path, ds) in sets {
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
@@ -1149,7 +1391,8 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
         for g in &gens {
             let mut v = serde_json::to_value(g)?;
             v["dataset"] = json!(name);
-            writeln!(gen_file, "{v}")?;
+            writeln!(gen_file, "{v}")
+                .with_context(|| format!("{}: cannot write", gen_path.display()))?;
         }
         reports.push(ev::report(
             &name,
@@ -1160,7 +1403,9 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
             a.seed,
         ));
     }
-    gen_file.flush()?;
+    gen_file
+        .flush()
+        .with_context(|| format!("{}: cannot write", gen_path.display()))?;
     let model_name = a.name.clone().unwrap_or_else(|| {
         a.model
             .file_name()
@@ -1169,13 +1414,14 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     });
     let summary = json!({"model": model_name, "model_path": a.model, "prompt": a.prompt, "n": a.n, "temperature": a.temperature,
         "bootstrap_resamples": a.resamples, "seed": a.seed, "datasets": reports});
-    std::fs::write(
-        a.out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
+    let summary_path = a.out.join("summary.json");
+    std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("{}: cannot write", summary_path.display()))?;
     let table = ev::markdown_table(&[(model_name, reports)]);
-    std::fs::write(a.out.join("table.md"), &table)?;
-    print!("{table}");
+    let table_path = a.out.join("table.md");
+    std::fs::write(&table_path, &table)
+        .with_context(|| format!("{}: cannot write", table_path.display()))?;
+    out!("{table}");
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
@@ -1210,11 +1456,58 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
     };
     crate::demo::announce_default("model", &a.model);
     crate::demo::announce_default("data", &a.data);
+    for (i, lr) in a.lr.iter().enumerate() {
+        if a.lr[..i].contains(lr) {
+            bail!("--lr {lr:e} is given twice: each learning rate writes one run folder");
+        }
+    }
     let ds = crate::task::load(&a.data, a.format, &opts)?;
+    if ds.items.is_empty() {
+        bail!(
+            "{}: no examples{}",
+            a.data.display(),
+            a.category
+                .as_ref()
+                .map(|c| format!(" of --category {c:?}"))
+                .unwrap_or_default()
+        );
+    }
     let tok = Tokenizer::from_dir(&a.model)?;
+    let model_config = Qwen2Config::from_dir(&a.model)?;
+    tok.check_fits(model_config.vocab_size)?;
+    if a.lora_rank > model_config.hidden_size {
+        bail!(
+            "--lora-rank {}: above the model's hidden_size {}",
+            a.lora_rank,
+            model_config.hidden_size
+        );
+    }
     let pairs = sft_pairs(&ds.items, &tok)?;
+    if let Some((p, t)) = pairs.iter().max_by_key(|(p, t)| p.len() + t.len()) {
+        crate::tokenizer::check_context(
+            model_config.max_position_embeddings,
+            p.len() + t.len(),
+            &format!("the longest example of {}", a.data.display()),
+        )?;
+    }
+    let outs: Vec<PathBuf> =
+        a.lr.iter()
+            .map(|lr| match a.lr.len() {
+                1 => a.out.clone(),
+                _ => a.out.join(format!("lr-{lr:e}")),
+            })
+            .collect();
+    for out in &outs {
+        for f in ["final", "final_adapter", "metrics.jsonl"] {
+            crate::paths::refuse_overlap(
+                "--out",
+                &out.join(f),
+                &[("--model", a.model.as_path()), ("--data", a.data.as_path())],
+            )?;
+        }
+    }
     let steps_per_epoch = pairs.len().div_ceil(a.batch.max(1));
-    for &lr in &a.lr {
+    for (&lr, out) in a.lr.iter().zip(outs) {
         let (config, model) = load_qwen2::<B>(&a.model, device)?;
         let lora = (a.lora_rank > 0).then(|| qwen2_burn::LoraSpec {
             rank: a.lora_rank,
@@ -1225,15 +1518,13 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             Some(spec) => model.with_lora(spec, a.seed, device),
             None => model,
         };
-        let out = if a.lr.len() > 1 {
-            a.out.join(format!("lr-{lr:e}"))
-        } else {
-            a.out.clone()
-        };
         std::fs::create_dir_all(&out)
             .with_context(|| format!("{}: cannot create", out.display()))?;
-        let mut metrics =
-            std::io::BufWriter::new(std::fs::File::create(out.join("metrics.jsonl"))?);
+        let metrics_path = out.join("metrics.jsonl");
+        let mut metrics = std::io::BufWriter::new(
+            std::fs::File::create(&metrics_path)
+                .with_context(|| format!("{}: cannot create", metrics_path.display()))?,
+        );
         let cfg = SftConfig {
             epochs: a.epochs,
             batch: a.batch,
@@ -1253,9 +1544,11 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             }
         })?;
         if let Some(e) = io_err {
-            return Err(e).context("cannot write metrics.jsonl");
+            return Err(e).with_context(|| format!("{}: cannot write", metrics_path.display()));
         }
-        metrics.flush()?;
+        metrics
+            .flush()
+            .with_context(|| format!("{}: cannot write", metrics_path.display()))?;
         let dir = out.join("final");
         if let Some(spec) = &lora {
             qwen2_burn::save_lora(&trained, spec, Some(&a.model), &out.join("final_adapter"))?;

@@ -306,23 +306,30 @@ impl Default for LoopConfig {
 }
 
 impl TrainConfig {
-    /// Parses TOML text, applies `key=value` overrides, and resolves relative paths against `base`.
+    /// Parses TOML text, applies `key=value` overrides, resolves relative paths against `base`
+    /// and checks every value's range ([`TrainConfig::problems`]). Errors name the key, the
+    /// value and where it came from: `origin` (the file), the `--set` override, or the default.
     pub fn from_toml(text: &str, origin: &str, overrides: &[String], base: &Path) -> Result<Self> {
-        let mut value: toml::Table =
+        let file: toml::Table =
             toml::from_str(text).map_err(|e| anyhow!("{origin}: invalid TOML: {e}"))?;
+        // The file alone first, then each override on top, so an error names its source.
+        let mut value = file.clone();
+        let mut cfg: TrainConfig = toml::Value::Table(value.clone())
+            .try_into()
+            .map_err(|e| anyhow!("{origin}: {e}"))?;
         for o in overrides {
             let (key, raw) = o
                 .split_once('=')
                 .ok_or_else(|| anyhow!("--set {o}: expected key=value"))?;
             set_dotted(&mut value, key.trim(), parse_literal(raw.trim()))
                 .with_context(|| format!("--set {o}"))?;
+            cfg = toml::Value::Table(value.clone())
+                .try_into()
+                .map_err(|e| anyhow!("--set {o}: {e}"))?;
         }
-        let mut cfg: TrainConfig = toml::Value::Table(value)
-            .try_into()
-            .map_err(|e| anyhow!("{origin}: {e}"))?;
         let resolve = |p: &mut PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
-                *p = base.join(&*p);
+                *p = lexical_join(base, p);
             }
         };
         resolve(&mut cfg.model.path);
@@ -330,11 +337,27 @@ impl TrainConfig {
         if let Some(e) = cfg.data.eval.as_mut() {
             resolve(e);
         }
-        cfg.validate().map_err(|e| anyhow!("{origin}: {e}"))?;
+        if let Some(p) = cfg.problems().into_iter().next() {
+            let source = |key: &str| {
+                overrides
+                    .iter()
+                    .rev()
+                    .find(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+                    .map(|o| format!("--set {o}"))
+                    .or_else(|| has_dotted(&file, key).then(|| origin.to_string()))
+            };
+            let from = p
+                .keys
+                .iter()
+                .find_map(|k| source(k))
+                .unwrap_or_else(|| format!("the default, {origin} sets no such key"));
+            bail!("{} (from {from})", p.message);
+        }
         Ok(cfg)
     }
 
-    /// Reads a TOML file (or the embedded demo preset when `path` is none).
+    /// Reads a TOML file (or the embedded demo preset when `path` is none). Relative paths in
+    /// the file resolve against its folder (the embedded preset's: `assets/presets`).
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         match path {
             Some(p) => {
@@ -347,61 +370,233 @@ impl TrainConfig {
                 DEMO_PRESET,
                 "embedded demo preset",
                 overrides,
-                &crate::demo::assets_dir(),
+                &crate::demo::presets_dir(),
             ),
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
-        if let Some(spec) = self.lora.spec() {
-            spec.validate()?;
+    /// The paths a training run needs, with the fix named when one is missing.
+    pub fn require_paths(&self) -> Result<()> {
+        if self.model.path.as_os_str().is_empty() {
+            bail!("model.path is not set: give --model DIR or set model.path in the config");
         }
-        if self.model.base_dtype != BaseDtype::F32 && self.lora.spec().is_none() {
-            return Err(
-                "model.base_dtype = \"bf16\" stores the frozen base of LoRA training; \
-                        set lora.rank > 0, or model.base_dtype = \"f32\" for full fine-tuning"
-                    .into(),
-            );
-        }
-        let p = &self.ppo;
-        if self.rollout.prompts_per_step == 0 || self.rollout.n == 0 {
-            return Err("rollout.prompts_per_step and rollout.n must be positive".into());
-        }
-        if p.train_batch == 0 || p.micro_batch == 0 || p.ppo_epochs == 0 || p.forward_tokens == 0 {
-            return Err(
-                "ppo.train_batch, ppo.micro_batch, ppo.forward_tokens and ppo.ppo_epochs must be \
-                 positive"
-                    .into(),
-            );
-        }
-        if let Some(cap) = p.rollout_is_cap {
-            if !(cap.is_finite() && cap > 0.0) {
-                return Err(format!("ppo.rollout_is_cap must be positive, got {cap}"));
-            }
-        }
-        if !(self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0) {
-            return Err(format!(
-                "rollout.top_p must be in (0, 1], got {}",
-                self.rollout.top_p
-            ));
-        }
-        if p.estimator != Estimator::Gae
-            && self.rollout.n < 2
-            && matches!(
-                p.estimator,
-                Estimator::Grpo
-                    | Estimator::DrGrpo
-                    | Estimator::Rloo
-                    | Estimator::ReinforcePpBaseline
-            )
-        {
-            return Err(format!(
-                "ppo.estimator {:?} needs rollout.n >= 2 samples per prompt",
-                p.estimator
-            ));
+        if self.data.train.as_os_str().is_empty() {
+            bail!("data.train is not set: give --data FILE or set data.train in the config");
         }
         Ok(())
     }
+
+    /// Every value outside its range and every broken relationship between values, each naming
+    /// its keys, the value and what is allowed (empty when the config is valid).
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut v = Vec::new();
+        let r = &self.rollout;
+        let (p, o, t) = (&self.ppo, &self.optim, &self.train);
+        let mut count = |key: &'static str, x: usize, min: usize, max: usize| {
+            if !(min..=max).contains(&x) {
+                v.push(Problem::range(
+                    key,
+                    x,
+                    &format!("an integer in {min}..={max}"),
+                ));
+            }
+        };
+        count("rollout.prompts_per_step", r.prompts_per_step, 1, 1 << 20);
+        count("rollout.n", r.n, 1, 1024);
+        count("rollout.max_new_tokens", r.max_new_tokens, 1, 1 << 20);
+        count("model.logprob_chunk", self.model.logprob_chunk, 1, 1 << 20);
+        count("ppo.ppo_epochs", p.ppo_epochs, 1, 1000);
+        count("ppo.train_batch", p.train_batch, 1, 1 << 30);
+        count("ppo.micro_batch", p.micro_batch, 1, 1 << 30);
+        count("ppo.forward_tokens", p.forward_tokens, 1, 1 << 32);
+        count("train.keep_checkpoints", t.keep_checkpoints, 1, 1 << 20);
+        count("train.max_bad_steps", t.max_bad_steps, 1, 1 << 20);
+        if t.steps == 0 {
+            count("train.epochs", t.epochs, 1, 1 << 20);
+        }
+        let mut real = |key: &'static str, x: f64, range: Range| {
+            if !range.contains(x) {
+                v.push(Problem::range(key, x, &range.to_string()));
+            }
+        };
+        use Range::*;
+        real("rollout.temperature", r.temperature as f64, AtLeast(0.0));
+        real("rollout.top_p", r.top_p as f64, AboveAtMost(0.0, 1.0));
+        real("ppo.eps_low", p.eps_low, Below(0.0, 1.0));
+        real("ppo.eps_high", p.eps_high, AtLeast(0.0));
+        real("ppo.gamma", p.gamma, Within(0.0, 1.0));
+        real("ppo.lambda", p.lambda, Within(0.0, 1.0));
+        real("ppo.kl_coef", p.kl_coef, AtLeast(0.0));
+        real("ppo.kl_horizon", p.kl_horizon, Above(0.0));
+        if let Some(c) = p.value_clip {
+            real("ppo.value_clip", c, Above(0.0));
+        }
+        if let Some(c) = p.kl_target {
+            real("ppo.kl_target", c, Above(0.0));
+        }
+        if let Some(c) = p.rollout_is_cap {
+            real("ppo.rollout_is_cap", c, Above(0.0));
+        }
+        real("optim.actor_lr", o.actor_lr, AtLeast(0.0));
+        real("optim.critic_lr", o.critic_lr, AtLeast(0.0));
+        real("optim.beta1", o.beta1, Below(0.0, 1.0));
+        real("optim.beta2", o.beta2, Below(0.0, 1.0));
+        real("optim.eps", o.eps, Above(0.0));
+        real("optim.weight_decay", o.weight_decay, AtLeast(0.0));
+        real("optim.grad_clip", o.grad_clip, AtLeast(0.0));
+        real("optim.warmup_ratio", o.warmup_ratio, Within(0.0, 1.0));
+        real("optim.min_lr_ratio", o.min_lr_ratio, Within(0.0, 1.0));
+        real(
+            "verifier.answer_leak_penalty",
+            self.verifier.answer_leak_penalty as f64,
+            AtLeast(0.0),
+        );
+        real(
+            "verifier.preamble_penalty",
+            self.verifier.preamble_penalty as f64,
+            AtLeast(0.0),
+        );
+        if let Some(gb) = self.model.memory_limit_gb {
+            real("model.memory_limit_gb", gb, Above(0.0));
+        }
+        if self.lora.rank > 0 {
+            real("lora.alpha", self.lora.alpha, Above(0.0));
+        }
+        if let Some(i) = r.stop.iter().position(String::is_empty) {
+            v.push(Problem::new(
+                &["rollout.stop"],
+                format!("rollout.stop[{i}] is empty: a stop string needs at least one character"),
+            ));
+        }
+        let samples = r.prompts_per_step * r.n;
+        if p.train_batch > samples {
+            v.push(Problem::new(
+                &["ppo.train_batch", "rollout.prompts_per_step", "rollout.n"],
+                format!(
+                    "ppo.train_batch = {} exceeds the samples of a step (rollout.prompts_per_step {} × rollout.n {} = {samples}): lower it or sample more",
+                    p.train_batch, r.prompts_per_step, r.n
+                ),
+            ));
+        }
+        if let Some(spec) = self.lora.spec() {
+            if let Err(e) = spec.validate() {
+                v.push(Problem::new(&["lora.rank", "lora.targets"], e));
+            }
+        }
+        if self.model.base_dtype != BaseDtype::F32 && self.lora.spec().is_none() {
+            v.push(Problem::new(
+                &["model.base_dtype", "lora.rank"],
+                "model.base_dtype = \"bf16\" stores the frozen base of LoRA training; set \
+                 lora.rank > 0, or model.base_dtype = \"f32\" for full fine-tuning"
+                    .into(),
+            ));
+        }
+        if matches!(
+            p.estimator,
+            Estimator::Grpo | Estimator::DrGrpo | Estimator::Rloo | Estimator::ReinforcePpBaseline
+        ) && r.n < 2
+        {
+            v.push(Problem::new(
+                &["rollout.n", "ppo.estimator"],
+                format!(
+                    "ppo.estimator {:?} needs rollout.n >= 2 samples per prompt",
+                    p.estimator
+                ),
+            ));
+        }
+        v
+    }
+}
+
+/// One invalid setting: the keys involved (the first one decides where it came from) and a
+/// message naming them, the value and what is allowed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub keys: Vec<&'static str>,
+    pub message: String,
+}
+
+impl Problem {
+    fn new(keys: &[&'static str], message: String) -> Self {
+        Self {
+            keys: keys.to_vec(),
+            message,
+        }
+    }
+
+    fn range(key: &'static str, value: impl std::fmt::Display, allowed: &str) -> Self {
+        Self::new(&[key], format!("{key} = {value}: must be {allowed}"))
+    }
+}
+
+/// The allowed values of a real-valued setting (NaN and ±∞ are never allowed).
+#[derive(Debug, Clone, Copy)]
+enum Range {
+    AtLeast(f64),
+    Above(f64),
+    /// `[lo, hi)`.
+    Below(f64, f64),
+    /// `(lo, hi]`.
+    AboveAtMost(f64, f64),
+    /// `[lo, hi]`.
+    Within(f64, f64),
+}
+
+impl Range {
+    fn contains(self, x: f64) -> bool {
+        x.is_finite()
+            && match self {
+                Range::AtLeast(lo) => x >= lo,
+                Range::Above(lo) => x > lo,
+                Range::Below(lo, hi) => x >= lo && x < hi,
+                Range::AboveAtMost(lo, hi) => x > lo && x <= hi,
+                Range::Within(lo, hi) => x >= lo && x <= hi,
+            }
+    }
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Range::AtLeast(lo) => write!(f, "a finite number >= {lo}"),
+            Range::Above(lo) => write!(f, "a finite number > {lo}"),
+            Range::Below(lo, hi) => write!(f, "in [{lo}, {hi})"),
+            Range::AboveAtMost(lo, hi) => write!(f, "in ({lo}, {hi}]"),
+            Range::Within(lo, hi) => write!(f, "in [{lo}, {hi}]"),
+        }
+    }
+}
+
+/// `base/p` with `x/..` pairs removed (`assets/presets/../demo` is `assets/demo`), without
+/// touching the file system.
+fn lexical_join(base: &Path, p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in base.join(p).components() {
+        match c {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether a dotted key (`ppo.kl_coef`) is present in a TOML table.
+fn has_dotted(table: &toml::Table, key: &str) -> bool {
+    let mut t = table;
+    let mut parts = key.split('.').peekable();
+    while let Some(p) = parts.next() {
+        match (t.get(p), parts.peek()) {
+            (Some(_), None) => return true,
+            (Some(toml::Value::Table(inner)), Some(_)) => t = inner,
+            _ => return false,
+        }
+    }
+    false
 }
 
 fn parse_literal(raw: &str) -> toml::Value {

@@ -55,6 +55,18 @@ pub fn generate_and_score<B: Backend>(
         .iter()
         .map(|it| tok.encode(&prompt::render(it, style)))
         .collect::<Result<Vec<_>>>()?;
+    for (p, it) in prompts.iter().zip(items) {
+        crate::tokenizer::check_context(
+            config.max_position_embeddings,
+            p.len() + params.max_new_tokens,
+            &format!(
+                "question {} ({} prompt tokens) and {} new tokens",
+                it.id,
+                p.len(),
+                params.max_new_tokens
+            ),
+        )?;
+    }
     // Continuous batching over all items: `batch` prompts' rows decode at once.
     let params = SamplingParams {
         max_rows: batch.max(1) * params.n.max(1),
@@ -63,6 +75,13 @@ pub fn generate_and_score<B: Backend>(
     let samples = sampler::generate(model, config, &prompts, &params, tok, device);
     for s in samples {
         let item = &items[s.prompt_index];
+        if let Some(j) = s.logprobs.iter().position(|x| !x.is_finite()) {
+            anyhow::bail!(
+                "question {}: the model computed a non-finite log-prob at new token {j} (weights \
+                 holding NaN/Inf, or an overflow); no accuracy is reported from such a model",
+                item.id
+            );
+        }
         let response = tok.decode(&s.output_ids);
         let verdict = match style {
             PromptStyle::R1 => verifier::verify(

@@ -68,6 +68,6 @@ fn main() {
     }
     if let Err(e) = cli::run::<Backend>(cli, device) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(med_rlvr::exit::status(&e));
     }
 }

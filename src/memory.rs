@@ -25,12 +25,18 @@ use crate::config::TrainConfig;
 
 const F32: u64 = 4;
 
+/// `x` as bytes or elements of the plan, `u64::MAX` when it does not fit (the plan then exceeds
+/// every limit instead of wrapping around to a small number).
+fn saturate(x: u128) -> u64 {
+    u64::try_from(x).unwrap_or(u64::MAX)
+}
+
 /// Parameters of one set of LoRA adapters: `r·(in + out)` per target layer.
 pub fn lora_params(c: &Qwen2Config, spec: &LoraSpec) -> u64 {
-    let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
-    let q = (c.num_attention_heads * c.head_dim) as u64;
-    let kv = (c.num_key_value_heads * c.head_dim) as u64;
-    let per_layer: u64 = spec
+    let (h, i) = (c.hidden_size as u128, c.intermediate_size as u128);
+    let q = c.num_attention_heads as u128 * c.head_dim as u128;
+    let kv = c.num_key_value_heads as u128 * c.head_dim as u128;
+    let per_layer: u128 = spec
         .targets
         .iter()
         .map(|t| match t.as_str() {
@@ -42,12 +48,23 @@ pub fn lora_params(c: &Qwen2Config, spec: &LoraSpec) -> u64 {
             _ => 0,
         })
         .sum();
-    c.num_hidden_layers as u64 * spec.rank as u64 * per_layer
+    saturate(c.num_hidden_layers as u128 * spec.rank as u128 * per_layer)
 }
 
 /// Elements of the rollout's KV cache: keys and values of every layer.
 pub fn kv_cache_elements(c: &Qwen2Config, rows: usize, capacity: usize) -> u64 {
-    2 * (c.num_hidden_layers * rows * capacity * c.num_key_value_heads * c.head_dim) as u64
+    saturate(
+        2 * [
+            c.num_hidden_layers,
+            rows,
+            capacity,
+            c.num_key_value_heads,
+            c.head_dim,
+        ]
+        .iter()
+        .map(|&x| x as u128)
+        .product::<u128>(),
+    )
 }
 
 /// What the plan is computed from.
@@ -141,23 +158,23 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     pub fn new(p: &PlanInputs) -> Self {
         let c = &p.model;
-        let base = c.num_parameters() as u64;
-        let h = c.hidden_size as u64;
+        let base = c.num_parameters() as u128;
+        let h = c.hidden_size as u128;
         let head = h; // value head [hidden, 1]
         let mut items = Vec::new();
-        let mut add = |what: String, elems: u64, phase, knob| {
+        let mut add = |what: String, elems: u128, phase, knob| {
             items.push(PlanItem {
                 what,
-                bytes: elems * F32,
+                bytes: saturate(elems * F32 as u128),
                 phase,
                 knob,
             })
         };
         // Elements of the frozen base, counted in f32 slots (bf16 storage: half as many).
-        let base_slots = base * p.base_bytes / F32;
+        let base_slots = base * p.base_bytes as u128 / F32 as u128;
         let trainable = match &p.lora {
             Some(spec) => {
-                let a = lora_params(c, spec);
+                let a = lora_params(c, spec) as u128;
                 let sets = if p.critic { 2 } else { 1 };
                 add(
                     format!(
@@ -216,15 +233,15 @@ impl MemoryPlan {
             knob,
         );
         let (rows, pl, n) = (
-            p.rollout_rows as u64,
-            p.prompt_len as u64,
-            p.max_new_tokens as u64,
+            p.rollout_rows as u128,
+            p.prompt_len as u128,
+            p.max_new_tokens as u128,
         );
-        let (heads, v) = (c.num_attention_heads as u64, c.vocab_size as u64);
+        let (heads, v) = (c.num_attention_heads as u128, c.vocab_size as u128);
         let columns = crate::sampler::cache_columns(p.prompt_len, p.max_new_tokens, p.refills);
         add(
             format!("rollout KV cache ({rows} rows × {columns} tokens)"),
-            kv_cache_elements(c, p.rollout_rows, columns),
+            kv_cache_elements(c, p.rollout_rows, columns) as u128,
             "rollout",
             "rollout.generate_batch, rollout.max_new_tokens",
         );
@@ -245,20 +262,20 @@ impl MemoryPlan {
         // No-grad passes: at most `forward_tokens` padded tokens; one layer's transients (norm,
         // q/k/v/o, gate/up/act/down, residual) plus its attention scores, the final hidden
         // states and one log-prob chunk's logits.
-        let (ft, s) = ((p.forward_tokens as u64).max(pl + n), pl + n);
-        let fr = ft / s;
+        let (ft, s) = ((p.forward_tokens as u128).max(pl + n), pl + n);
+        let fr = ft / s.max(1);
         add(
             format!("reference/critic forward ({ft} tokens, ≈)"),
-            ft * (8 * h + 4 * c.intermediate_size as u64)
+            ft * (8 * h + 4 * c.intermediate_size as u128)
                 + fr * heads * s * s * 2
-                + fr * (p.logprob_chunk as u64).min(n.max(1)) * v * 3,
+                + fr * (p.logprob_chunk as u128).min(n.max(1)) * v * 3,
             "experience",
             "ppo.forward_tokens",
         );
-        let (mb, s) = (p.micro_batch as u64, pl + n);
+        let (mb, s) = (p.micro_batch as u128, pl + n);
         let t = mb * s;
-        let layers = c.num_hidden_layers as u64;
-        let i = c.intermediate_size as u64;
+        let layers = c.num_hidden_layers as u128;
+        let i = c.intermediate_size as u128;
         // A bf16 base also keeps each projection's bf16 input for the backward: q, k, v, o, gate
         // and up read H-wide rows, down an I-wide one; in f32 slots, T·(6·H + I)/2.
         let casts = if p.base_bytes < F32 {
@@ -271,8 +288,8 @@ impl MemoryPlan {
         let one_layer = t * (10 * h + 4 * i + casts) + mb * heads * s * s * 3;
         // Logits of `positions` response positions under autodiff: z and exp(z − m), which the
         // log-softmax's backward keeps (measured on flex: 2.0 × `[mb, positions, V]` floats).
-        let logits = |positions: u64| mb * positions * v * 2;
-        let chunk = (p.logprob_chunk as u64).min(n.max(1));
+        let logits = |positions: u128| mb * positions * v * 2;
+        let chunk = (p.logprob_chunk as u128).min(n.max(1));
         // The actor and the critic update one after the other: one graph at a time.
         if p.recompute {
             add(
@@ -318,8 +335,7 @@ impl MemoryPlan {
             items
                 .iter()
                 .filter(|i| i.phase == ph)
-                .map(|i| i.bytes)
-                .sum::<u64>()
+                .fold(0u64, |sum, i| sum.saturating_add(i.bytes))
         };
         let (persistent, rollout, experience, update) = (
             sum("persistent"),
@@ -332,8 +348,8 @@ impl MemoryPlan {
             rollout,
             experience,
             update,
-            peak: persistent + rollout.max(experience).max(update),
-            trainable,
+            peak: persistent.saturating_add(rollout.max(experience).max(update)),
+            trainable: saturate(trainable),
             items,
         }
     }

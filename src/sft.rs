@@ -74,8 +74,22 @@ pub fn train<B: AutodiffBackend>(
                 .iter::<f64>()
                 .next()
                 .unwrap_or(f64::NAN);
+            if !value.is_finite() {
+                anyhow::bail!(
+                    "SFT step {step} (epoch {}): the loss is {value}; nothing was saved (NaN/Inf \
+                     weights in the model, or a learning rate that diverged)",
+                    epoch + 1
+                );
+            }
             let mut grads = GradientsParams::from_grads(loss.backward(), &model);
             let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
+            if !grad_norm.is_finite() {
+                anyhow::bail!(
+                    "SFT step {step} (epoch {}): the gradient norm is {grad_norm}; nothing was \
+                     saved (lower --lr)",
+                    epoch + 1
+                );
+            }
             let lr = cosine_lr(
                 cfg.lr,
                 step,

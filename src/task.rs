@@ -62,6 +62,18 @@ pub enum DataFormat {
     Generic,
 }
 
+impl DataFormat {
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Medqa => "medqa",
+            DataFormat::MmluPro => "mmlu-pro",
+            DataFormat::Generic => "generic",
+        }
+    }
+}
+
 /// How to load.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -85,6 +97,10 @@ pub struct Dataset {
 /// Loads a dataset file in `format`.
 pub fn load(path: &Path, format: DataFormat, opts: &LoadOptions) -> Result<Dataset> {
     let is_parquet = path.extension().is_some_and(|e| e == "parquet");
+    let how = match format {
+        DataFormat::Auto => "detected from the file",
+        _ => "as configured: data.format / --format",
+    };
     let format = match format {
         DataFormat::Auto if is_parquet => DataFormat::MmluPro,
         DataFormat::Auto => detect_jsonl(path)?,
@@ -128,7 +144,11 @@ pub fn load(path: &Path, format: DataFormat, opts: &LoadOptions) -> Result<Datas
                 items.push(item);
             }
             Err(reason) if opts.skip_invalid => skipped.push((line, reason)),
-            Err(reason) => bail!("{}:{line}: {reason}", path.display()),
+            Err(reason) => bail!(
+                "{}:{line}: {reason} (read as format \"{}\", {how})",
+                path.display(),
+                format.name()
+            ),
         }
     }
     Ok(Dataset {

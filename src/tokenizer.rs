@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 /// Qwen2.5's end-of-document token; base models end a reply with it.
 pub const ENDOFTEXT: &str = "<|endoftext|>";
@@ -65,4 +65,30 @@ impl Tokenizer {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Refuses a tokenizer with ids the model has no embedding row for (`vocab_size` from the
+    /// model's `config.json`): such ids would index past the embedding.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        let top = self.inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+        if top >= vocab_size {
+            bail!(
+                "{}: token ids go up to {top} but the model's config.json has vocab_size \
+                 {vocab_size}: the tokenizer and the weights come from different models",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `tokens` positions beyond the model's `max_position_embeddings`, naming `what` (the
+/// prompt and the reply budget that need them) and the setting to lower.
+pub fn check_context(max_position_embeddings: usize, tokens: usize, what: &str) -> Result<()> {
+    if tokens > max_position_embeddings {
+        bail!(
+            "{what} need {tokens} positions but the model's max_position_embeddings is \
+             {max_position_embeddings}: shorten the prompt or lower the number of new tokens"
+        );
+    }
+    Ok(())
 }

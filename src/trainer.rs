@@ -134,6 +134,11 @@ fn load_items(path: &Path, cfg: &TrainConfig) -> Result<Vec<McqaItem>> {
         skip_invalid: cfg.data.skip_invalid,
     };
     let ds = task::load(path, cfg.data.format, &opts)?;
+    if let Some(c) = &cfg.data.category {
+        if ds.items.is_empty() {
+            bail!("{}: no items of data.category {c:?}", path.display());
+        }
+    }
     if !ds.skipped.is_empty() {
         eprintln!(
             "{}: skipped {} malformed rows",
@@ -156,8 +161,22 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// other replica, so all start equal). `World::join` must have been called for it.
     pub fn replica(cfg: TrainConfig, device: B::Device, world: World) -> Result<Self> {
         check_shardable(&cfg, world.size)?;
+        cfg.require_paths()?;
         let dir = &cfg.model.path;
+        let model_config = Qwen2Config::from_dir(dir)?;
         let tok = Tokenizer::from_dir(dir)?;
+        tok.check_fits(model_config.vocab_size)?;
+        if let Some(spec) = cfg.lora.spec() {
+            if spec.rank > model_config.hidden_size {
+                bail!(
+                    "lora.rank = {}: above the model's hidden_size {} (a rank-{} adapter is \
+                     no smaller than the layer)",
+                    spec.rank,
+                    model_config.hidden_size,
+                    spec.rank
+                );
+            }
+        }
         let train_items = load_items(&cfg.data.train, &cfg)?;
         let mut eval_items = match &cfg.data.eval {
             Some(p) => load_items(p, &cfg)?,
@@ -171,8 +190,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             .map(|it| tok.encode(&prompt::render(it, cfg.data.prompt)))
             .collect::<Result<Vec<_>>>()?;
         // The memory plan, before any weight is allocated.
-        let model_config = Qwen2Config::from_dir(dir)?;
         let prompt_len = train_prompts.iter().map(Vec::len).max().unwrap_or(0);
+        crate::tokenizer::check_context(
+            model_config.max_position_embeddings,
+            prompt_len + cfg.rollout.max_new_tokens,
+            &format!(
+                "the longest prompt of {} ({prompt_len} tokens) and rollout.max_new_tokens {}",
+                cfg.data.train.display(),
+                cfg.rollout.max_new_tokens
+            ),
+        )?;
         let plan = MemoryPlan::new(&PlanInputs::from_config(
             &cfg,
             &model_config,
@@ -346,10 +373,14 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Adaptive KL controller (Ziegler et al. 2019):
     /// `β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon)`; fixed when no target is set.
+    /// A non-finite KL (a step the guard skips) leaves β as it is, so β stays finite.
     fn update_kl_coef(&mut self, kl: f64, n: usize) {
-        if let Some(target) = self.cfg.ppo.kl_target {
+        if let (Some(target), true) = (self.cfg.ppo.kl_target, kl.is_finite()) {
             let err = (kl / target - 1.0).clamp(-0.2, 0.2);
-            self.kl_coef *= 1.0 + err * n as f64 / self.cfg.ppo.kl_horizon;
+            let next = self.kl_coef * (1.0 + err * n as f64 / self.cfg.ppo.kl_horizon);
+            if next.is_finite() {
+                self.kl_coef = next.max(0.0);
+            }
         }
     }
 
@@ -409,7 +440,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 None => self.save_actor(&dir.join("actor"))?,
             }
             let optim = dir.join("optimizer");
-            std::fs::create_dir_all(&optim)?;
+            std::fs::create_dir_all(&optim)
+                .with_context(|| format!("{}: cannot create", optim.display()))?;
             ckpt::save_record::<B, ActorRecord<B>>(
                 ckpt::to_stable_keys(
                     self.actor_optim.to_record(),
@@ -435,7 +467,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                     &optim.join("critic.mpk"),
                 )?;
             }
-            std::fs::write(dir.join("config.toml"), toml::to_string_pretty(&self.cfg)?)?;
+            let config = dir.join("config.toml");
+            std::fs::write(&config, toml::to_string_pretty(&self.cfg)?)
+                .with_context(|| format!("{}: cannot write", config.display()))?;
             ckpt::write_state(dir, &self.loop_state())
         })
     }
@@ -619,13 +653,22 @@ pub fn run<B: AutodiffBackend>(
     device: B::Device,
     opts: &RunOptions,
 ) -> Result<RunOutcome> {
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    std::fs::write(out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let size = opts.devices.max(1);
     check_shardable(&cfg, size)?;
+    let write_config = |cfg: &TrainConfig| -> Result<()> {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("{}: cannot create", out.display()))?;
+        let path = out.join("config.toml");
+        std::fs::write(&path, toml::to_string_pretty(cfg)?)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    };
     if size == 1 {
-        return drive(Trainer::<B>::new(cfg, device)?, out, opts);
+        // Built (inputs checked, weights loaded) before anything is written into the run folder.
+        let trainer = Trainer::<B>::new(cfg, device)?;
+        write_config(&trainer.cfg)?;
+        return drive(trainer, out, opts);
     }
+    write_config(&cfg)?;
     // GPUs must exist; the CPU backends have one device, which the replicas share.
     if nth_device(&device, 1) != device {
         let found = B::device_count(device.id().type_id);
@@ -748,9 +791,11 @@ fn drive<B: AutodiffBackend>(
             }
         }
         if let Some((metrics_file, samples_file)) = &mut logs {
-            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
+                .with_context(|| format!("{}: cannot write", metrics_path.display()))?;
             for line in shown {
-                writeln!(samples_file, "{line}")?;
+                writeln!(samples_file, "{line}")
+                    .with_context(|| format!("{}: cannot write", samples_path.display()))?;
             }
         }
         if let Some(why) = &m.skipped {
@@ -779,7 +824,7 @@ fn drive<B: AutodiffBackend>(
             }
             bar.abandon();
             let ck = trainer.save_checkpoint(out)?;
-            bail!(
+            return Err(crate::exit::RunFailed(format!(
                 "{} consecutive steps had NaN/Inf (see `skipped` in {}); stopped with a checkpoint \
                  at {}: lower optim.actor_lr / optim.grad_clip or check the data, then \
                  `train --resume {}`",
@@ -787,7 +832,8 @@ fn drive<B: AutodiffBackend>(
                 metrics_path.display(),
                 ck.display(),
                 ck.display()
-            );
+            ))
+            .into());
         }
         let done = trainer.step == trainer.total_steps;
         if main && tc.save_every > 0 && (trainer.step.is_multiple_of(tc.save_every) || done) {
@@ -825,11 +871,121 @@ fn drive<B: AutodiffBackend>(
     })
 }
 
-/// A fresh run folder under `runs/` named by time.
-pub fn default_out_dir() -> PathBuf {
+/// A fresh run folder in `runs` (`train` uses `runs/` of the working folder) named by time
+/// (`train-<unix seconds>`, then `-2`, `-3`, … when a run started in the same second has it),
+/// created here so no other run can take it.
+pub fn default_out_dir(runs: &Path) -> Result<PathBuf> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    PathBuf::from("runs").join(format!("train-{secs}"))
+    std::fs::create_dir_all(runs).with_context(|| format!("{}: cannot create", runs.display()))?;
+    for k in 1.. {
+        let name = match k {
+            1 => format!("train-{secs}"),
+            k => format!("train-{secs}-{k}"),
+        };
+        let dir = runs.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot create", dir.display())),
+        }
+    }
+    unreachable!("an unbounded range ends only by returning")
+}
+
+/// What a run writes into its folder; `--overwrite` removes exactly these.
+const RUN_ENTRIES: &[&str] = &[
+    "config.toml",
+    "metrics.jsonl",
+    "metrics.jsonl.tmp",
+    "samples.jsonl",
+    "samples.jsonl.tmp",
+    "checkpoints",
+    "final",
+    "final_adapter",
+    "training.png",
+    "training.svg",
+];
+
+/// The folder a run writes to. Fresh runs: `out` when it is missing or empty (never inside
+/// the run's `inputs`), else refused — unless `overwrite`, which removes a previous run's files
+/// (and refuses a folder holding anything else, or the run's own inputs). Resumed runs: the
+/// checkpoint's own run folder, or an empty one. No `out`: the checkpoint's run, or a new
+/// [`default_out_dir`].
+pub fn run_folder(
+    out: Option<&Path>,
+    resume: Option<&Path>,
+    overwrite: bool,
+    inputs: &[(&str, &Path)],
+) -> Result<PathBuf> {
+    let entries = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect()
+    };
+    let Some(out) = out else {
+        return match resume.and_then(ckpt::run_of) {
+            Some(run) => Ok(run),
+            None => default_out_dir(Path::new("runs")),
+        };
+    };
+    if out.exists() && !out.is_dir() {
+        bail!("--out {}: is a file, not a folder", out.display());
+    }
+    let fresh = entries(out).is_empty();
+    if let Some(ck) = resume {
+        let own = ckpt::run_of(ck).map(|r| crate::paths::absolute(&r))
+            == Some(crate::paths::absolute(out));
+        if own || fresh {
+            return Ok(out.to_path_buf());
+        }
+        bail!(
+            "--out {}: holds another run's files, and checkpoint {} belongs to {}: resume into \
+             that run (leave out --out) or into an empty folder",
+            out.display(),
+            ck.display(),
+            ckpt::run_of(ck).unwrap_or_default().display()
+        );
+    }
+    crate::paths::refuse_overlap("--out", out, inputs)?;
+    if fresh {
+        return Ok(out.to_path_buf());
+    }
+    if !overwrite {
+        bail!(
+            "--out {}: already exists and is not empty; a new run there would overwrite or mix \
+             with what it holds. Continue that run with `--resume latest --out {}`, choose \
+             another folder, or pass --overwrite to replace it",
+            out.display(),
+            out.display()
+        );
+    }
+    let foreign: Vec<String> = entries(out)
+        .into_iter()
+        .filter(|e| !RUN_ENTRIES.contains(&e.as_str()))
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "--out {} --overwrite: the folder holds {} that a run does not write; not a run \
+             folder, so nothing was removed: choose another folder",
+            out.display(),
+            foreign.join(", ")
+        );
+    }
+    for name in RUN_ENTRIES {
+        let p = out.join(name);
+        let removed = match p.is_dir() {
+            true => std::fs::remove_dir_all(&p),
+            false if p.exists() => std::fs::remove_file(&p),
+            false => Ok(()),
+        };
+        removed.with_context(|| format!("{}: cannot remove (--overwrite)", p.display()))?;
+    }
+    eprintln!("--overwrite: removed the previous run in {}", out.display());
+    Ok(out.to_path_buf())
 }

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 /// Verifier settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct VerifierConfig {
     pub strict: bool,
     /// Subtracted when the answer is stated in the first sentence of think (0 = off).

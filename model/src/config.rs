@@ -139,6 +139,20 @@ impl Qwen2Config {
                 return Err(format!("key `{k}` must be positive"));
             }
         }
+        // Bounds far above any released model, so sizes computed from the geometry (parameter
+        // counts, memory plans) cannot overflow.
+        for (k, x, max) in [
+            ("vocab_size", vocab_size, 1usize << 24),
+            ("hidden_size", hidden_size, 1 << 18),
+            ("intermediate_size", intermediate_size, 1 << 20),
+            ("num_hidden_layers", num_hidden_layers, 1 << 12),
+            ("num_attention_heads", num_attention_heads, 1 << 12),
+            ("max_position_embeddings", max_position_embeddings, 1 << 24),
+        ] {
+            if x > max {
+                return Err(format!("key `{k}` = {x} is above the supported {max}"));
+            }
+        }
         if hidden_size % num_attention_heads != 0 {
             return Err(format!(
                 "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
