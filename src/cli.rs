@@ -296,6 +296,10 @@ pub struct ScoreArgs {
     /// `gold_text`.
     #[arg(long)]
     pub input: PathBuf,
+    /// The prompt style the replies answer: r1 (think/answer tags, the paper's reward) or direct
+    /// (the first letter of the first line).
+    #[arg(long, value_enum, default_value = "r1")]
+    pub prompt: crate::prompt::PromptStyle,
     /// Start-anchored, one bare in-range letter.
     #[arg(long)]
     pub strict: bool,
@@ -1124,7 +1128,12 @@ fn score(a: ScoreArgs) -> Result<()> {
             .get("gold_text")
             .and_then(|x| x.as_str())
             .map(str::to_string);
-        let mut verdict = verifier::verify(response, gold, n, gold_text.as_deref(), &cfg);
+        let gold = crate::reward::Gold {
+            letter: gold,
+            num_options: n,
+            text: gold_text.as_deref(),
+        };
+        let mut verdict = crate::reward::score(a.prompt, response, &gold, &cfg);
         if let (Some(t), Some(think)) = (&tok, verifier::think_text(response)) {
             verdict.diagnostics.think_tokens = Some(t.encode(think)?.len());
         }
@@ -1289,10 +1298,7 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
             top_p: a.top_p,
             max_new_tokens: a.max_new_tokens,
             stop_token_ids: vec![tok.eos_id()?],
-            stop_strings: match a.prompt {
-                crate::prompt::PromptStyle::R1 => vec!["</answer>".into()],
-                crate::prompt::PromptStyle::Direct => vec!["\n".into()],
-            },
+            stop_strings: crate::reward::stop_strings(a.prompt),
             n: a.n,
             seed: a.seed,
             ..Default::default()

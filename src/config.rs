@@ -130,8 +130,9 @@ pub struct RolloutConfig {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
-    /// Stop strings (kept in the reply); `<|endoftext|>` always stops.
-    pub stop: Vec<String>,
+    /// Stop strings (kept in the reply); `<|endoftext|>` always stops. Unset: the prompt style's
+    /// ([`crate::reward::stop_strings`]: `</answer>` for r1, a newline for direct).
+    pub stop: Option<Vec<String>>,
     /// Prompts per sampler call (bounds the rollout's KV cache); 0 = all of a step's prompts.
     /// Samples do not depend on it.
     pub generate_batch: usize,
@@ -244,7 +245,7 @@ impl Default for RolloutConfig {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
-            stop: vec!["</answer>".into()],
+            stop: None,
             generate_batch: 0,
         }
     }
@@ -346,11 +347,12 @@ impl TrainConfig {
                     .map(|o| format!("--set {o}"))
                     .or_else(|| has_dotted(&file, key).then(|| origin.to_string()))
             };
-            let from = p
-                .keys
-                .iter()
-                .find_map(|k| source(k))
-                .unwrap_or_else(|| format!("the default, {origin} sets no such key"));
+            let mut sources: Vec<String> = p.keys.iter().filter_map(|k| source(k)).collect();
+            sources.dedup();
+            let from = match sources.is_empty() {
+                true => format!("the default, {origin} sets no such key"),
+                false => sources.join("; "),
+            };
             bail!("{} (from {from})", p.message);
         }
         Ok(cfg)
@@ -462,7 +464,7 @@ impl TrainConfig {
         if self.lora.rank > 0 {
             real("lora.alpha", self.lora.alpha, Above(0.0));
         }
-        if let Some(i) = r.stop.iter().position(String::is_empty) {
+        if let Some(i) = r.stop.iter().flatten().position(String::is_empty) {
             v.push(Problem::new(
                 &["rollout.stop"],
                 format!("rollout.stop[{i}] is empty: a stop string needs at least one character"),

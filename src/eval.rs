@@ -7,6 +7,7 @@ use qwen2_burn::{Qwen2, Qwen2Config};
 use serde::Serialize;
 
 use crate::prompt::{self, PromptStyle};
+use crate::reward::Gold;
 use crate::sampler::{self, SamplingParams};
 use crate::task::McqaItem;
 use crate::tokenizer::Tokenizer;
@@ -83,18 +84,7 @@ pub fn generate_and_score<B: Backend>(
             );
         }
         let response = tok.decode(&s.output_ids);
-        let verdict = match style {
-            PromptStyle::R1 => verifier::verify(
-                &response,
-                item.answer,
-                item.num_options(),
-                Some(item.gold_text()),
-                vcfg,
-            ),
-            PromptStyle::Direct => {
-                verifier::verify_direct(&response, item.answer, item.num_options())
-            }
-        };
+        let verdict = crate::reward::score(style, &response, &Gold::of(item), vcfg);
         out.push(Generation {
             id: item.id.clone(),
             category: item.category.clone(),

@@ -25,6 +25,7 @@ pub mod parquet_rows;
 pub mod paths;
 pub mod plot;
 pub mod prompt;
+pub mod reward;
 pub mod selfcheck;
 pub mod sft;
 pub mod task;

@@ -308,7 +308,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             top_p: r.top_p,
             max_new_tokens: r.max_new_tokens,
             stop_token_ids: vec![self.eos],
-            stop_strings: r.stop.clone(),
+            stop_strings: r
+                .stop
+                .clone()
+                .unwrap_or_else(|| crate::reward::stop_strings(self.cfg.data.prompt)),
             n: r.n,
             seed: self
                 .cfg

@@ -164,7 +164,7 @@ fn two_replicas_take_the_single_device_update() {
 
     // 3. A step count the devices cannot share is refused with the setting to change.
     let err = Trainer::<B>::replica(
-        cfg(&["rollout.prompts_per_step=3"]),
+        cfg(&["rollout.prompts_per_step=3", "ppo.train_batch=4"]),
         Default::default(),
         World { rank: 0, size: 2 },
     )

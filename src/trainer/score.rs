@@ -1,4 +1,5 @@
-//! Phase 2 of a PPO step: the verifier's reward for every sample.
+//! Phase 2 of a PPO step: the reward of every sample (`reward::score`, under the run's prompt
+//! style).
 
 use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
@@ -6,6 +7,7 @@ use burn::tensor::backend::AutodiffBackend;
 use super::rollout::StepPrompts;
 use super::Trainer;
 use crate::experience::Experience;
+use crate::reward::{self, Gold};
 use crate::sampler::Sample;
 use crate::verifier::{self, Verdict};
 
@@ -17,7 +19,7 @@ pub(super) struct Scored {
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
-    /// Decodes and verifies each sample against its item; `log π_old` starts as the sampler's.
+    /// Decodes and scores each sample against its item; `log π_old` starts as the sampler's.
     pub(super) fn score(&self, prompts: &StepPrompts, samples: &[Sample]) -> Result<Scored> {
         let mut verdicts = Vec::with_capacity(samples.len());
         let mut texts = Vec::with_capacity(samples.len());
@@ -25,11 +27,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         for s in samples {
             let item = &self.train_items[prompts.items[s.prompt_index]];
             let text = self.tok.decode(&s.output_ids);
-            let mut v = verifier::verify(
+            let mut v = reward::score(
+                self.cfg.data.prompt,
                 &text,
-                item.answer,
-                item.num_options(),
-                Some(item.gold_text()),
+                &Gold::of(item),
                 &self.cfg.verifier,
             );
             if let Some(think) = verifier::think_text(&text) {
