@@ -197,7 +197,8 @@ fn a_bf16_base_trains_lora_and_is_planned_at_two_bytes() {
         "bf16 base: kl {:e} then {:e}, grad norm {} {}",
         m[0].kl, m[1].kl, m[0].grad_norm, m[1].grad_norm
     );
-    assert!(m[0].kl.abs() < 1e-3, "step-0 KL {}", m[0].kl);
+    // README: step-0 KL 1.8e-6 in this test (rollout and reference from the same bf16 kernels).
+    assert!(m[0].kl.abs() < 1e-5, "step-0 KL {}", m[0].kl);
     assert!(m.iter().all(|s| s.skipped.is_none() && s.grad_norm > 0.0));
     assert!(m
         .iter()
@@ -241,10 +242,10 @@ fn the_largest_micro_batch_that_fits_is_the_boundary() {
     assert_eq!(memory::largest_fitting(4096, |_| true), Some(4096));
 }
 
-/// The 3B preset plans to at most 40 GiB at `ppo.micro_batch = 4` with layer-by-layer
-/// recomputation (the default), and keeping every activation would not fit.
+/// The 3B preset plans to 23.9 GiB (the README's number) at `ppo.micro_batch = 4` with
+/// layer-by-layer recomputation (the default), and keeping every activation would not fit in 80.
 #[test]
-fn the_3b_preset_fits_40_gib_at_micro_batch_4_with_recomputation() {
+fn the_3b_preset_plans_23_9_gib_at_micro_batch_4_with_recomputation() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let geometry =
         qwen2_burn::Qwen2Config::from_file(&root.join("assets/configs/qwen2.5-3b.json")).unwrap();
@@ -261,6 +262,9 @@ fn the_3b_preset_fits_40_gib_at_micro_batch_4_with_recomputation() {
             / (1u64 << 30) as f64
     };
     let (with, without) = (peak(true), peak(false));
-    assert!(with <= 40.0, "3B preset, micro-batch 4: {with:.1} GiB");
+    assert!(
+        (with - 23.9).abs() < 0.05,
+        "3B preset, micro-batch 4: {with:.2} GiB (README: 23.9)"
+    );
     assert!(without > 80.0, "keeping every activation: {without:.1} GiB");
 }

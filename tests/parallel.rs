@@ -1,5 +1,5 @@
 //! Data parallelism on the CPU: two replicas in one process, joined by Burn's collective, take the
-//! same PPO update as one device on the combined batch (within 1e-5), and stay equal to each other.
+//! same PPO update as one device on the combined batch (within 5e-6; 2e-7 for the LoRA run), and stay equal to each other.
 //! One test function: the collective is process-wide, so its uses must not overlap.
 
 use std::path::Path;
@@ -127,7 +127,8 @@ fn two_replicas_take_the_single_device_update() {
         max_diff(&one.2, &replicas[0].2),
     );
     eprintln!("PPO: max |Δ actor| {da:e}, max |Δ critic| {dc:e}");
-    assert!(da <= 1e-5 && dc <= 1e-5, "actor {da}, critic {dc}");
+    // README: within 5e-6 (measured 3.2e-7 actor, 1.8e-6 critic on this machine).
+    assert!(da <= 5e-6 && dc <= 5e-6, "actor {da}, critic {dc}");
     // The updates were real: the weights moved by far more than the tolerance.
     let start = weights(&Trainer::<B>::new(c, Default::default()).unwrap().actor);
     assert!(max_diff(&start, &one.1) > 1e-3);
@@ -160,7 +161,8 @@ fn two_replicas_take_the_single_device_update() {
     assert_same_metrics(&m1, &m2);
     let d = max_diff(&w1, &w2);
     eprintln!("REINFORCE++ with LoRA through `run`: max |Δ merged actor| {d:e}");
-    assert!(d <= 1e-5, "{d}");
+    // README: within 2e-7 (measured 4.5e-8).
+    assert!(d <= 2e-7, "{d}");
 
     // 3. A step count the devices cannot share is refused with the setting to change.
     let err = Trainer::<B>::replica(

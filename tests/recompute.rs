@@ -76,9 +76,9 @@ fn kept_vs_recomputed<B: AutodiffBackend, M: AutodiffModule<B>>(
                 (Some(x), Some(y)) => {
                     let x: Vec<f32> = x.into_data().convert::<f32>().to_vec().unwrap();
                     let y: Vec<f32> = y.into_data().convert::<f32>().to_vec().unwrap();
-                    let scale =
-                        common::assert_close("|gradient|", &x, &vec![0f32; x.len()], f64::MAX);
+                    // Fails on NaN/Inf and on a length mismatch, so the scale below is finite.
                     let diff = common::assert_close("gradient", &y, &x, f64::MAX);
+                    let scale = x.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
                     self.worst = self.worst.max(diff / scale.max(1e-12));
                     self.n += 1;
                 }
@@ -133,7 +133,29 @@ fn critic_grads<B: AutodiffBackend>(critic: &Critic<B>, recompute: bool) -> Grad
     t.param_grads(vl.backward())
 }
 
-const TOL: f64 = 1e-5;
+/// The largest relative gradient difference allowed: README "ndarray ≤ 4e-8, flex ≤ 3.3e-6"
+/// (measured), asserted with a 2.5–3× margin; other backends (wgpu) 1e-5.
+fn tolerance<B: AutodiffBackend>() -> f64 {
+    let name = std::any::type_name::<B>();
+    if name.contains("NdArray") {
+        1e-7
+    } else {
+        1e-5
+    }
+}
+
+/// Trainable float parameters of `module` (LoRA: the adapters; the frozen base has none).
+fn trainable<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> usize {
+    struct Count(usize);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.0 += p.is_require_grad() as usize;
+        }
+    }
+    let mut c = Count(0);
+    module.visit(&mut c);
+    c.0
+}
 
 fn recompute_gives_kept_graph_gradients<B: AutodiffBackend>() {
     let dev = Default::default();
@@ -151,20 +173,29 @@ fn recompute_gives_kept_graph_gradients<B: AutodiffBackend>() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/qwen2")
             .join(name);
-        let (_, full) = load_qwen2::<B>(&dir, &dev).unwrap();
+        let (config, full) = load_qwen2::<B>(&dir, &dev).unwrap();
         let lora = full.clone().with_lora(&spec, 3, &dev).map(&mut Perturb(0));
         for (kind, model) in [("full", full), ("lora", lora)] {
-            let check = |part: &str, (err, n): (f64, usize)| {
+            let tol = tolerance::<B>();
+            let check = |part: &str, (err, n): (f64, usize), want: usize| {
                 eprintln!("{name} {kind} {part}: {n} gradients, max relative difference {err:e}");
-                assert!(n > 0, "{name} {kind} {part}: no gradients");
+                assert_eq!(
+                    n, want,
+                    "{name} {kind} {part}: gradients of every trainable tensor"
+                );
                 assert!(
-                    err < TOL,
-                    "{name} {kind} {part}: relative gradient difference {err:e}"
+                    err < tol,
+                    "{name} {kind} {part}: relative gradient difference {err:e} (tolerance {tol:e})"
                 );
             };
-            check("actor", kept_vs_recomputed(&model, actor_grads));
+            let want = trainable(&model);
+            check("actor", kept_vs_recomputed(&model, actor_grads), want);
             let critic = Critic::new(model, 7, &dev);
-            check("critic", kept_vs_recomputed(&critic, critic_grads));
+            // The critic reads the hidden states, not the logits: an untied, trainable LM head
+            // is outside its graph.
+            let unused_head = (!config.tie_word_embeddings && kind == "full") as usize;
+            let want = trainable(&critic) - unused_head;
+            check("critic", kept_vs_recomputed(&critic, critic_grads), want);
         }
     }
 }

@@ -31,9 +31,14 @@ fn the_gap_is_measured_and_tiny_on_ndarray() {
     // Measured: different GEMM shapes round differently, so an exact 0 means it was not measured.
     assert!(m.logprob_gap_max > 0.0, "the gap was not measured");
     assert!(m.logprob_gap_mean <= m.logprob_gap_max);
-    assert!(m.logprob_gap_max < 1e-5, "gap max {}", m.logprob_gap_max);
+    eprintln!(
+        "gap mean {:e}, max {:e}, ratio std {:e}",
+        m.logprob_gap_mean, m.logprob_gap_max, m.rollout_ratio_std
+    );
+    // README: "gap ≈ 1e-6 on ndarray".
+    assert!(m.logprob_gap_max < 5e-6, "gap max {}", m.logprob_gap_max);
     assert!(
-        m.rollout_ratio_std < 1e-5,
+        m.rollout_ratio_std < 5e-6,
         "ratio std {}",
         m.rollout_ratio_std
     );
