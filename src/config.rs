@@ -26,7 +26,29 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     pub train: LoopConfig,
     pub verifier: VerifierConfig,
+    pub reward: RewardConfig,
     pub lora: LoraConfig,
+}
+
+/// Where the reward comes from (see `reward.rs`): the built-in verifier (`program` empty, the
+/// default), or an external program started once per run that answers one JSON line per reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    /// Command and arguments, e.g. `["python3", "examples/reward.py"]`, run from the working
+    /// folder.
+    pub program: Vec<String>,
+    /// Seconds to wait for each answer before the run stops (with a checkpoint).
+    pub timeout_s: f64,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            program: vec![],
+            timeout_s: 60.0,
+        }
+    }
 }
 
 /// LoRA adapters on a frozen base shared by actor, critic and reference (`rank = 0`: full
@@ -461,8 +483,20 @@ impl TrainConfig {
         if let Some(gb) = self.model.memory_limit_gb {
             real("model.memory_limit_gb", gb, Above(0.0));
         }
+        real("reward.timeout_s", self.reward.timeout_s, Above(0.0));
         if self.lora.rank > 0 {
             real("lora.alpha", self.lora.alpha, Above(0.0));
+        }
+        if self
+            .reward
+            .program
+            .first()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            v.push(Problem::new(
+                &["reward.program"],
+                "reward.program starts with an empty command name".into(),
+            ));
         }
         if let Some(i) = r.stop.iter().flatten().position(String::is_empty) {
             v.push(Problem::new(

@@ -44,6 +44,8 @@ mod rollout;
 mod score;
 mod update;
 
+pub use score::RewardFailed;
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct StepMetrics {
@@ -76,6 +78,9 @@ pub struct StepMetrics {
     /// Wall-clock seconds of the step's phases: `generate`, `reward`, `reference_values`
     /// (reference log-probs and critic values), `advantages`, `update`.
     pub phase_seconds: std::collections::BTreeMap<String, f64>,
+    /// A reward program's named components, mean over the step's samples (this replica's).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub reward_components: std::collections::BTreeMap<String, f64>,
     pub stages: std::collections::BTreeMap<String, usize>,
     /// Greedy held-out accuracy / format rate, on evaluation steps.
     pub eval_accuracy: Option<f64>,
@@ -118,6 +123,8 @@ pub struct Trainer<B: AutodiffBackend> {
     /// Fault injection for tests: at these steps the policy loss is multiplied by NaN.
     pub inject_nan_steps: Vec<usize>,
     eos: u32,
+    /// `reward.program`, started once per run.
+    reward_program: Option<std::sync::Mutex<crate::reward::RewardProgram>>,
     device: B::Device,
     /// This replica's place among the data-parallel replicas (see `parallel.rs`).
     pub world: World,
@@ -243,7 +250,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         let total_opt_steps =
             total_steps * cfg.ppo.ppo_epochs * samples.div_ceil(cfg.ppo.train_batch);
         let eos = tok.eos_id()?;
+        let reward_program = match cfg.reward.program.is_empty() {
+            true => None,
+            false => Some(std::sync::Mutex::new(crate::reward::RewardProgram::start(
+                &cfg.reward.program,
+                std::time::Duration::from_secs_f64(cfg.reward.timeout_s),
+            )?)),
+        };
         let mut t = Self {
+            reward_program,
             actor_optim: adamw(&cfg.optim).init(),
             critic_optim: critic.as_ref().map(|_| adamw(&cfg.optim).init()),
             kl_coef: cfg.ppo.kl_coef,
@@ -351,10 +366,19 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Runs one PPO step; returns its metrics and a few decoded samples.
     pub fn step(&mut self) -> Result<(StepMetrics, Vec<serde_json::Value>)> {
         let mut clock = PhaseClock::start();
+        // Drawing the prompts moves the data cursor; a failed reward puts it back, so the
+        // checkpoint written then resumes with this very step.
+        let counters = (self.cursor, self.epoch, self.order.clone());
         let prompts = self.draw_prompts();
         let samples = self.rollout(&prompts);
         clock.mark("generate");
-        let scored = self.score(&prompts, &samples)?;
+        let scored = match self.score(&prompts, &samples) {
+            Ok(s) => s,
+            Err(e) => {
+                (self.cursor, self.epoch, self.order) = counters;
+                return Err(e);
+            }
+        };
         let mut exps = scored.experiences;
         clock.mark("reward");
         self.reference_and_values(&mut exps);
@@ -368,6 +392,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             &samples,
             scored.verdicts,
             scored.texts,
+            scored.components,
             adv,
             upd,
             clock,
@@ -779,7 +804,21 @@ fn drive<B: AutodiffBackend>(
     }
     while trainer.step < trainer.total_steps {
         let s = trainer.step;
-        let (mut m, shown) = trainer.step()?;
+        let (mut m, shown) = match trainer.step() {
+            Ok(x) => x,
+            Err(e) if main && e.is::<RewardFailed>() => {
+                bar.abandon();
+                let ck = trainer.save_checkpoint(out)?;
+                return Err(crate::exit::RunFailed(format!(
+                    "{e:#}; stopped before step {s} with a checkpoint at {}: fix the reward \
+                     program, then `train --resume {}`",
+                    ck.display(),
+                    ck.display()
+                ))
+                .into());
+            }
+            Err(e) => return Err(e),
+        };
         if has_eval && ((s + 1).is_multiple_of(tc.eval_every) || s + 1 == trainer.total_steps) {
             let (a, f) = trainer.evaluate()?;
             m.eval_accuracy = Some(a);

@@ -1,0 +1,238 @@
+//! Settings that no other trainer test runs, each end to end on the demo model for one to three
+//! short steps (ndarray; the bf16 base on flex): every number finite, and the behaviour each
+//! setting is for — k2 KL, the adaptive KL controller in both directions, critic warm-up, the
+//! critic-free estimators, asymmetric clipping, token-mean aggregation, top-k/top-p rollouts,
+//! `train.epochs` step counts, and the production defaults (recomputation, critic, LoRA on a bf16
+//! base, ragged micro-batches) against the kept graph.
+
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::module::Module;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use med_rlvr::config::TrainConfig;
+use med_rlvr::trainer::{StepMetrics, Trainer};
+
+type B = Autodiff<NdArray<f32>>;
+
+/// Three prompts per micro-batch of two samples each, so micro-batches are ragged.
+fn cfg(extra: &[&str]) -> TrainConfig {
+    let mut set: Vec<String> = [
+        "train.eval_every=0",
+        "rollout.prompts_per_step=6",
+        "rollout.max_new_tokens=12",
+        "ppo.train_batch=6",
+        "ppo.micro_batch=4",
+        "optim.actor_lr=5e-4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    set.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::load(None, &set).unwrap()
+}
+
+fn weights<M: Module<Bk>, Bk: Backend>(m: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<Bk: Backend> burn::module::ModuleVisitor<Bk> for Collect {
+        fn visit_float<const D: usize>(
+            &mut self,
+            p: &burn::module::Param<burn::tensor::Tensor<Bk, D>>,
+        ) {
+            let d = p.val().into_data().convert::<f32>();
+            self.0.extend(d.to_vec::<f32>().unwrap());
+        }
+    }
+    let mut c = Collect(vec![]);
+    m.visit(&mut c);
+    c.0
+}
+
+fn finite(m: &StepMetrics) {
+    for (name, x) in [
+        ("reward_mean", m.reward_mean),
+        ("kl", m.kl),
+        ("kl_coef", m.kl_coef),
+        ("entropy", m.entropy),
+        ("policy_loss", m.policy_loss),
+        ("value_loss", m.value_loss),
+        ("clip_frac", m.clip_frac),
+        ("grad_norm", m.grad_norm),
+        ("critic_grad_norm", m.critic_grad_norm),
+    ] {
+        assert!(x.is_finite(), "step {}: {name} = {x}", m.step);
+    }
+    assert!(
+        m.skipped.is_none(),
+        "step {} skipped: {:?}",
+        m.step,
+        m.skipped
+    );
+}
+
+/// `steps` steps of `cfg(extra)`; returns the trainer and the metrics, each checked finite.
+fn run<A: AutodiffBackend>(extra: &[&str], steps: usize) -> (Trainer<A>, Vec<StepMetrics>) {
+    let mut t = Trainer::<A>::new(cfg(extra), Default::default()).unwrap();
+    let m: Vec<StepMetrics> = (0..steps).map(|_| t.step().unwrap().0).collect();
+    m.iter().for_each(finite);
+    (t, m)
+}
+
+/// k2 (`d²/2`) shapes the rewards instead of k1 (`d`): step 0 is the same run (the policy is the
+/// reference, d ≈ 0), step 1 is not. (The logged `kl` is k1 whatever the estimator.)
+#[test]
+fn k2_kl_shapes_the_rewards() {
+    let (_, k2) = run::<B>(&["ppo.kl_estimator=\"k2\"", "ppo.kl_coef=0.5"], 2);
+    let (_, k1) = run::<B>(&["ppo.kl_coef=0.5"], 2);
+    assert_eq!(k2[0].reward_mean, k1[0].reward_mean);
+    assert!(k1[1].kl != 0.0);
+    assert!(
+        k2[1].policy_loss != k1[1].policy_loss,
+        "k2 and k1 gave the same step-1 loss {}",
+        k1[1].policy_loss
+    );
+}
+
+/// `β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)` after every step: up when the step's KL
+/// is above the target, down when below.
+#[test]
+fn the_adaptive_kl_controller_follows_the_kl_against_its_target() {
+    let horizon = "ppo.kl_horizon=6";
+    for (target, must_rise) in [(1e-12, true), (10.0, false)] {
+        let t = format!("ppo.kl_target={target:e}");
+        let (_, m) = run::<B>(&[&t, horizon], 3);
+        let mut beta = 0.01;
+        let mut rose = false;
+        for s in &m {
+            // n = 6 samples, horizon 6: a factor of exactly 1.2 or 0.8.
+            let want = if s.kl > target {
+                beta * 1.2
+            } else {
+                beta * 0.8
+            };
+            assert!(
+                (s.kl_coef - want).abs() < 1e-12,
+                "target {target}: step {} KL {} took β {beta} to {}, not {want}",
+                s.step,
+                s.kl,
+                s.kl_coef
+            );
+            rose |= s.kl_coef > beta;
+            beta = s.kl_coef;
+        }
+        assert_eq!(rose, must_rise, "target {target}: {m:?}");
+    }
+}
+
+#[test]
+fn critic_warmup_trains_only_the_critic() {
+    let mut t = Trainer::<B>::new(cfg(&["ppo.critic_warmup=1"]), Default::default()).unwrap();
+    let actor0 = weights(&t.actor);
+    let critic0 = weights(t.critic.as_ref().unwrap());
+    let (m, _) = t.step().unwrap();
+    finite(&m);
+    assert!(
+        actor0 == weights(&t.actor),
+        "the actor moved during warm-up"
+    );
+    assert!(
+        critic0 != weights(t.critic.as_ref().unwrap()),
+        "the critic did not train"
+    );
+    let (m, _) = t.step().unwrap();
+    finite(&m);
+    assert!(
+        actor0 != weights(&t.actor),
+        "the actor did not train after warm-up"
+    );
+}
+
+#[test]
+fn critic_free_estimators_train_the_actor_without_a_critic() {
+    for est in [
+        "rloo",
+        "dr_grpo",
+        "reinforce_pp_baseline",
+        "reinforce_pp",
+        "grpo",
+    ] {
+        let estimator = format!("ppo.estimator=\"{est}\"");
+        let (t, m) = run::<B>(
+            &[&estimator, "rollout.n=2", "rollout.prompts_per_step=3"],
+            2,
+        );
+        assert!(t.critic.is_none(), "{est}: a critic was built");
+        assert!(m.iter().all(|s| s.value_loss == 0.0), "{est}: a value loss");
+        assert!(
+            m.iter().any(|s| s.grad_norm > 0.0),
+            "{est}: no actor gradient"
+        );
+    }
+}
+
+#[test]
+fn asymmetric_clipping_token_mean_and_top_k_top_p_rollouts_run() {
+    for extra in [
+        &["ppo.eps_low=0.1", "ppo.eps_high=0.3", "ppo.ppo_epochs=2"][..],
+        &["ppo.loss_agg=\"token-mean\""][..],
+        &["rollout.top_k=5", "rollout.top_p=0.8"][..],
+    ] {
+        let (_, m) = run::<B>(extra, 1);
+        assert!(m[0].grad_norm > 0.0, "{extra:?}: no gradient");
+        assert!((0.0..=1.0).contains(&m[0].clip_frac), "{extra:?}");
+    }
+}
+
+#[test]
+fn train_epochs_sets_the_step_count() {
+    let t = Trainer::<B>::new(
+        cfg(&[
+            "train.steps=0",
+            "train.epochs=2",
+            "rollout.prompts_per_step=64",
+            "ppo.train_batch=64",
+        ]),
+        Default::default(),
+    )
+    .unwrap();
+    let items = t.train_items.len();
+    assert_eq!(t.total_steps, (2 * items).div_ceil(64), "{items} items");
+}
+
+/// The production defaults — recomputation on, a critic, LoRA on a bf16 base, several ragged
+/// micro-batches — give the same first step as the kept graph: same samples, and losses and
+/// gradient norms within 1e-4 relative (flex, where bf16 runs).
+#[test]
+fn production_defaults_equal_the_kept_graph_on_a_bf16_base() {
+    type F = Autodiff<Flex>;
+    let base = [
+        "lora.rank=4",
+        "lora.alpha=8.0",
+        "model.base_dtype=\"bf16\"",
+        "optim.actor_lr=5e-3",
+        "ppo.micro_batch=2",
+    ];
+    let step = |recompute: &str| {
+        let mut set = base.to_vec();
+        set.push(recompute);
+        run::<F>(&set, 1).1.remove(0)
+    };
+    let (on, off) = (step("model.recompute=true"), step("model.recompute=false"));
+    assert_eq!(on.reward_mean, off.reward_mean, "different samples");
+    for (name, a, b) in [
+        ("policy_loss", on.policy_loss, off.policy_loss),
+        ("value_loss", on.value_loss, off.value_loss),
+        ("grad_norm", on.grad_norm, off.grad_norm),
+        (
+            "critic_grad_norm",
+            on.critic_grad_norm,
+            off.critic_grad_norm,
+        ),
+        ("kl", on.kl, off.kl),
+    ] {
+        eprintln!("{name}: recomputed {a:e}, kept {b:e}");
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1e-6),
+            "{name}: recomputed {a} vs kept {b}"
+        );
+    }
+    assert!(on.grad_norm > 0.0 && on.critic_grad_norm > 0.0);
+}
