@@ -405,6 +405,25 @@ fn sigkill_while_writing_a_checkpoint_leaves_the_previous_one() {
     assert!(!o.status.success());
     assert!(stderr.contains("optim.actor_lr"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // ... and accepted with --force, with a warning naming it.
+    let o = train_cmd(
+        &out,
+        &[
+            "--resume",
+            "latest",
+            "--set",
+            "optim.actor_lr=0.5",
+            "--force",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: resuming with a changed setting: optim.actor_lr"),
+        "{stderr}"
+    );
 
     // Export writes a loadable HF folder.
     let exported = dir.path().join("export");
@@ -418,6 +437,43 @@ fn sigkill_while_writing_a_checkpoint_leaves_the_previous_one() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(exported.join(f).exists(), "{f}");
+    }
+    // --dtype bf16 / f16 store that dtype, and the folder loads back (as f32) within its rounding.
+    let (_, f32_model) =
+        qwen2_burn::load_qwen2::<NdArray<f32>>(&exported, &Default::default()).unwrap();
+    let reference = weights(&f32_model);
+    for (dtype, tag, tol) in [("bf16", "BF16", 1e-2f32), ("f16", "F16", 1e-3)] {
+        let dir_d = dir.path().join(format!("export-{dtype}"));
+        let o = Command::new(bin())
+            .args(["export", "--checkpoint"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&dir_d)
+            .args(["--dtype", dtype])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let bytes = std::fs::read(dir_d.join("model.safetensors")).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header]).unwrap();
+        let dtypes: Vec<&str> = header
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "__metadata__")
+            .map(|(_, v)| v["dtype"].as_str().unwrap())
+            .collect();
+        assert!(dtypes.iter().all(|d| *d == tag), "{dtype}: {dtypes:?}");
+        let (_, m) = qwen2_burn::load_qwen2::<NdArray<f32>>(&dir_d, &Default::default()).unwrap();
+        let got = weights(&m);
+        assert_eq!(got.len(), reference.len());
+        for (a, b) in got.iter().zip(&reference) {
+            let (a, b) = (f32::from_bits(*a), f32::from_bits(*b));
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1e-3),
+                "{dtype}: {a} vs {b}"
+            );
+        }
     }
 }
 
@@ -456,4 +512,34 @@ fn sigterm_finishes_the_step_and_checkpoints() {
         .count();
     assert_eq!(st.step, lines, "checkpoint at the last finished step");
     assert!(st.step < 50);
+}
+
+/// A second SIGTERM while the first one's step finishes exits at once with status 130.
+#[test]
+fn a_second_signal_exits_at_once_with_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let child = train_cmd(&out, &["--set", "train.steps=50"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !out.join("config.toml").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(300), "no run");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("second interrupt"), "{stderr}");
 }
