@@ -477,29 +477,42 @@ fn sigkill_while_writing_a_checkpoint_leaves_the_previous_one() {
     }
 }
 
-#[test]
-fn sigterm_finishes_the_step_and_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let child = train_cmd(&out, &["--set", "train.steps=50"])
+/// A 50-step run in `out`, returned once `ready(out)` holds.
+fn long_run_once(out: &Path, ready: impl Fn(&Path) -> bool) -> std::process::Child {
+    let child = train_cmd(out, &["--set", "train.steps=50"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !std::fs::read_to_string(out.join("metrics.jsonl"))
-        .map(|s| s.lines().count() >= 1)
-        .unwrap_or(false)
-    {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no step");
+    while !ready(out) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the run did not get there"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = child.id().to_string();
+    child
+}
+
+fn sigterm(child: &std::process::Child) {
     assert!(Command::new("kill")
-        .args(["-TERM", &pid])
+        .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap()
         .success());
+}
+
+#[test]
+fn sigterm_finishes_the_step_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let child = long_run_once(&out, |out| {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .map(|s| s.lines().count() >= 1)
+            .unwrap_or(false)
+    });
+    sigterm(&child);
     let o = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
@@ -519,23 +532,9 @@ fn sigterm_finishes_the_step_and_checkpoints() {
 fn a_second_signal_exits_at_once_with_130() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let child = train_cmd(&out, &["--set", "train.steps=50"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !out.join("config.toml").exists() {
-        assert!(t0.elapsed() < Duration::from_secs(300), "no run");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = child.id().to_string();
+    let child = long_run_once(&out, |out| out.join("config.toml").exists());
     for _ in 0..2 {
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
+        sigterm(&child);
         std::thread::sleep(Duration::from_millis(200));
     }
     let o = child.wait_with_output().unwrap();

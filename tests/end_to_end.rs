@@ -6,8 +6,7 @@
 //! base, ragged micro-batches) against the kept graph.
 
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::module::Module;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use med_rlvr::config::TrainConfig;
 use med_rlvr::trainer::{StepMetrics, Trainer};
 
@@ -30,21 +29,8 @@ fn cfg(extra: &[&str]) -> TrainConfig {
     TrainConfig::load(None, &set).unwrap()
 }
 
-fn weights<M: Module<Bk>, Bk: Backend>(m: &M) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl<Bk: Backend> burn::module::ModuleVisitor<Bk> for Collect {
-        fn visit_float<const D: usize>(
-            &mut self,
-            p: &burn::module::Param<burn::tensor::Tensor<Bk, D>>,
-        ) {
-            let d = p.val().into_data().convert::<f32>();
-            self.0.extend(d.to_vec::<f32>().unwrap());
-        }
-    }
-    let mut c = Collect(vec![]);
-    m.visit(&mut c);
-    c.0
-}
+mod common;
+use common::weights;
 
 fn finite(m: &StepMetrics) {
     for (name, x) in [

@@ -6,13 +6,12 @@ use std::path::Path;
 use std::thread;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Module;
-use burn::tensor::backend::Backend;
 use med_rlvr::config::TrainConfig;
 use med_rlvr::parallel::World;
 use med_rlvr::trainer::{self, RunOptions, StepMetrics, Trainer};
 
 mod common;
+use common::weights;
 
 type Inner = NdArray<f32>;
 type B = Autodiff<Inner>;
@@ -31,22 +30,6 @@ fn cfg(extra: &[&str]) -> TrainConfig {
     .collect();
     set.extend(extra.iter().map(|s| s.to_string()));
     TrainConfig::load(None, &set).unwrap()
-}
-
-fn weights<M: Module<Bk>, Bk: Backend>(m: &M) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl<Bk: Backend> burn::module::ModuleVisitor<Bk> for Collect {
-        fn visit_float<const D: usize>(
-            &mut self,
-            p: &burn::module::Param<burn::tensor::Tensor<Bk, D>>,
-        ) {
-            let d = p.val().into_data().convert::<f32>();
-            self.0.extend(d.as_slice::<f32>().unwrap());
-        }
-    }
-    let mut c = Collect(vec![]);
-    m.visit(&mut c);
-    c.0
 }
 
 /// `max |a − b|` (NaN, infinity or a length mismatch fail the test).

@@ -50,3 +50,21 @@ where
         Err(e) => panic!("{e}"),
     }
 }
+
+/// Every float parameter of `m`, in visiting order, as f32.
+#[allow(dead_code)]
+pub fn weights<M: burn::module::Module<B>, B: burn::tensor::backend::Backend>(m: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<B: burn::tensor::backend::Backend> burn::module::ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(
+            &mut self,
+            p: &burn::module::Param<burn::tensor::Tensor<B, D>>,
+        ) {
+            let d = p.val().into_data().convert::<f32>();
+            self.0.extend(d.as_slice::<f32>().unwrap());
+        }
+    }
+    let mut c = Collect(vec![]);
+    m.visit(&mut c);
+    c.0
+}
