@@ -56,18 +56,50 @@ fn check_device(
     })
 }
 
+/// cubecl persists each kernel's autotune choice under the device's index only, not the adapter or
+/// its plane (subgroup) width, so a choice made under one adapter is replayed under another where
+/// the kernel cannot launch (a panic deep in the runtime; `benches/upstream-cubecl-autotune.md`).
+/// On wgpu, where the adapter behind index 0 varies most (lavapipe's width follows the CPU and
+/// `LP_NATIVE_VECTOR_WIDTH`), this binary keeps autotune results for its own lifetime only, in a
+/// private folder that [`exit`] removes.
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+static AUTOTUNE_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+fn private_autotune_cache() {
+    use cubecl_runtime::config::cache::CacheConfig;
+    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let dir = std::env::temp_dir().join(format!("med-rlvr-autotune-{}", std::process::id()));
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    config.autotune.cache = CacheConfig::File(dir.clone());
+    CubeClRuntimeConfig::set(config);
+    let _ = AUTOTUNE_DIR.set(dir);
+}
+
+/// Ends the process with `code`, removing the private autotune folder of a wgpu build first.
+fn exit(code: i32) -> ! {
+    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    if let Some(dir) = AUTOTUNE_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    std::process::exit(code)
+}
+
 fn main() {
     let cli = Cli::parse();
+    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    private_autotune_cache();
     let device = <Inner as burn::tensor::backend::BackendTypes>::Device::default();
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     if cli.needs_device() {
         if let Err(msg) = check_device(&device) {
             eprintln!("error: {msg}");
-            std::process::exit(2);
+            exit(2);
         }
     }
     if let Err(e) = cli::run::<Backend>(cli, device) {
         eprintln!("error: {e:#}");
-        std::process::exit(med_rlvr::exit::status(&e));
+        exit(med_rlvr::exit::status(&e));
     }
+    exit(0)
 }
