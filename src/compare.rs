@@ -8,8 +8,6 @@
 pub struct Diff {
     /// `max_i |got_i − want_i|`.
     pub max_abs: f64,
-    /// `max_i |got_i − want_i| / max(|want_i|, floor)` (see [`Tolerance::rel_floor`]).
-    pub max_rel: f64,
     /// Index of the element with the largest absolute error.
     pub at: usize,
     pub len: usize,
@@ -37,11 +35,6 @@ impl Tolerance {
             rel: 0.0,
         }
     }
-
-    /// The smallest `|want|` a relative error is measured against in [`Diff::max_rel`].
-    const fn rel_floor() -> f64 {
-        1e-6
-    }
 }
 
 /// Compares `got` with `want` element by element; `Err` (a one-line reason naming `what`, the
@@ -61,7 +54,6 @@ where
     }
     let mut d = Diff {
         max_abs: 0.0,
-        max_rel: 0.0,
         at: 0,
         len: got.len(),
     };
@@ -81,7 +73,6 @@ where
             d.max_abs = err;
             d.at = i;
         }
-        d.max_rel = d.max_rel.max(err / w.abs().max(Tolerance::rel_floor()));
     }
     Ok(d)
 }
