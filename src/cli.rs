@@ -771,8 +771,7 @@ pub fn load_model<B: Backend>(
     if !dir.is_dir() {
         bail!("{}: model folder not found", dir.display());
     }
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    tokenizer.check_fits(Qwen2Config::from_dir(dir)?.vocab_size)?;
+    let (_, tokenizer) = Tokenizer::for_model(dir)?;
     let (config, model) = load_qwen2::<B>(dir, device)?;
     Ok((config, model, tokenizer))
 }
@@ -1478,9 +1477,7 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
                 .unwrap_or_default()
         );
     }
-    let tok = Tokenizer::from_dir(&a.model)?;
-    let model_config = Qwen2Config::from_dir(&a.model)?;
-    tok.check_fits(model_config.vocab_size)?;
+    let (model_config, tok) = Tokenizer::for_model(&a.model)?;
     if a.lora_rank > model_config.hidden_size {
         bail!(
             "--lora-rank {}: above the model's hidden_size {}",

@@ -352,7 +352,7 @@ impl TrainConfig {
         }
         let resolve = |p: &mut PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
-                *p = lexical_join(base, p);
+                *p = crate::paths::lexical(&base.join(&*p));
             }
         };
         resolve(&mut cfg.model.path);
@@ -601,24 +601,6 @@ impl std::fmt::Display for Range {
             Range::Within(lo, hi) => write!(f, "in [{lo}, {hi}]"),
         }
     }
-}
-
-/// `base/p` with `x/..` pairs removed (`assets/presets/../demo` is `assets/demo`), without
-/// touching the file system.
-fn lexical_join(base: &Path, p: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in base.join(p).components() {
-        match c {
-            Component::ParentDir
-                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
-            {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Whether a dotted key (`ppo.kl_coef`) is present in a TOML table.

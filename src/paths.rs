@@ -26,17 +26,25 @@ pub fn absolute(p: &Path) -> PathBuf {
     for name in rest.into_iter().rev() {
         out.push(name);
     }
-    let mut clean = PathBuf::new();
-    for c in out.components() {
+    lexical(&out)
+}
+
+/// `p` with `.` and `x/..` pairs removed (`assets/presets/../demo` is `assets/demo`), without
+/// touching the file system; a leading `..` of a relative path stays.
+pub fn lexical(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir => {
-                clean.pop();
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
             }
-            c => clean.push(c),
+            c => out.push(c),
         }
     }
-    clean
+    out
 }
 
 /// Refuses `out` (a file or folder the command writes) when it is one of `inputs`, lies inside

@@ -66,9 +66,17 @@ impl Tokenizer {
         &self.path
     }
 
-    /// Refuses a tokenizer with ids the model has no embedding row for (`vocab_size` from the
-    /// model's `config.json`): such ids would index past the embedding.
-    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+    /// A model folder's geometry (`config.json`) and tokenizer, refused together when the
+    /// tokenizer has ids the model has no embedding row for (they would index past the
+    /// embedding).
+    pub fn for_model(dir: &Path) -> Result<(qwen2_burn::Qwen2Config, Self)> {
+        let config = qwen2_burn::Qwen2Config::from_dir(dir)?;
+        let tok = Self::from_dir(dir)?;
+        tok.check_fits(config.vocab_size)?;
+        Ok((config, tok))
+    }
+
+    fn check_fits(&self, vocab_size: usize) -> Result<()> {
         let top = self.inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
         if top >= vocab_size {
             bail!(

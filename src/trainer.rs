@@ -170,9 +170,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         check_shardable(&cfg, world.size)?;
         cfg.require_paths()?;
         let dir = &cfg.model.path;
-        let model_config = Qwen2Config::from_dir(dir)?;
-        let tok = Tokenizer::from_dir(dir)?;
-        tok.check_fits(model_config.vocab_size)?;
+        let (model_config, tok) = Tokenizer::for_model(dir)?;
         if let Some(spec) = cfg.lora.spec() {
             if spec.rank > model_config.hidden_size {
                 bail!(
@@ -366,16 +364,21 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Runs one PPO step; returns its metrics and a few decoded samples.
     pub fn step(&mut self) -> Result<(StepMetrics, Vec<serde_json::Value>)> {
         let mut clock = PhaseClock::start();
-        // Drawing the prompts moves the data cursor; a failed reward puts it back, so the
-        // checkpoint written then resumes with this very step.
-        let counters = (self.cursor, self.epoch, self.order.clone());
+        // Drawing the prompts moves the data cursor (and may start an epoch); a failed reward
+        // puts both back — the order is a function of (seed, epoch) — so the checkpoint written
+        // then resumes with this very step.
+        let (cursor, epoch) = (self.cursor, self.epoch);
         let prompts = self.draw_prompts();
         let samples = self.rollout(&prompts);
         clock.mark("generate");
         let scored = match self.score(&prompts, &samples) {
             Ok(s) => s,
             Err(e) => {
-                (self.cursor, self.epoch, self.order) = counters;
+                if self.epoch != epoch {
+                    self.epoch = epoch;
+                    self.reshuffle();
+                }
+                self.cursor = cursor;
                 return Err(e);
             }
         };
