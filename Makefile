@@ -11,7 +11,7 @@ test:
 
 # The backend-generic tests on wgpu (cubecl's GPU path), for CI on Mesa's software Vulkan
 # (apt-get install mesa-vulkan-drivers) or on any Vulkan GPU. `make test` ran them on ndarray and flex.
-WGPU_TESTS = --test selfcheck --test sampler --test recompute --test checkpoint --test autotune_cache
+WGPU_TESTS = --test selfcheck --test sampler --test recompute --test checkpoint --test wgpu_binary
 test-wgpu:
 	$(CARGO) test --release --features wgpu $(WGPU_TESTS) -- wgpu::
 

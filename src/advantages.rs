@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub type Grid = Vec<Vec<f64>>;
 
 /// Which KL estimator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KlEstimator {
     /// `k1 = d`, with `d = log π − log π_ref`.
@@ -141,9 +141,8 @@ pub fn whiten_with(x: &Grid, mean: f64, var: f64) -> Grid {
 }
 
 /// Advantage estimators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
 pub enum Estimator {
     /// PPO with a critic: GAE, then whitening.
     Gae,

@@ -171,8 +171,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// temporary folder, which is fsynced and renamed; then `latest` is updated and all but the
 /// newest `keep` checkpoints are removed. Returns the final folder.
 ///
-/// `MEDRLVR_CHECKPOINT_PAUSE_MS` (fault-injection tests only) sleeps after `fill`, before the
-/// rename, so a test can kill the process mid-write.
+/// In a build with the `fault-injection` feature (the tests'), `MEDRLVR_CHECKPOINT_PAUSE_MS`
+/// sleeps after `fill`, before the rename, so a test can kill the process mid-write.
 pub fn write_atomic(
     run: &Path,
     step: usize,
@@ -189,6 +189,7 @@ pub fn write_atomic(
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     fill(&tmp)?;
+    #[cfg(feature = "fault-injection")]
     if let Some(ms) = std::env::var("MEDRLVR_CHECKPOINT_PAUSE_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

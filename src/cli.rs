@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand};
 use qwen2_burn::{load_qwen2, Qwen2, Qwen2Config};
 use serde_json::json;
@@ -519,49 +518,38 @@ fn dispatch<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
 }
 
 fn selfcheck<B: AutodiffBackend>(a: SelfcheckArgs, device: &B::Device) -> Result<()> {
-    use crate::selfcheck::{cases, run_case};
+    use crate::selfcheck::{cases, run_case, Summary};
     type Reference = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
     let started = std::time::Instant::now();
     let (mut failed, mut checks) = (0usize, 0usize);
     let (mut worst_abs, mut worst_grad) = (0f64, 0f64);
     for (i, case) in cases(a.seed, a.cases).iter().enumerate() {
-        let results = run_case::<B, Reference>(case, device, &Default::default());
-        checks += results.len();
-        let bad: Vec<&String> = results
-            .iter()
-            .filter_map(|c| c.result.as_ref().err())
-            .collect();
-        let (mut abs, mut grad) = (0f64, 0f64);
-        for d in results.iter().filter_map(|c| {
-            c.result
-                .as_ref()
-                .ok()
-                .map(|d| (c.name.starts_with("grad"), d))
-        }) {
-            match d.0 {
-                true => grad = grad.max(d.1.max_abs),
-                false => abs = abs.max(d.1.max_abs),
-            }
-        }
-        worst_abs = worst_abs.max(abs);
-        worst_grad = worst_grad.max(grad);
-        if !bad.is_empty() {
-            failed += 1;
-        }
+        let s = Summary::of(&run_case::<B, Reference>(case, device, &Default::default()));
+        checks += s.checks;
+        worst_abs = worst_abs.max(s.max_abs);
+        worst_grad = worst_grad.max(s.max_abs_grad);
+        failed += usize::from(!s.failures.is_empty());
         if a.json {
             outln!(
                 "{}",
-                json!({"case": i, "shape": case.to_string(), "checks": results.len(),
-                       "max_abs_error": abs, "max_abs_grad_error": grad, "failures": bad})
+                json!({"case": i, "shape": case.to_string(), "checks": s.checks,
+                       "max_abs_error": s.max_abs, "max_abs_grad_error": s.max_abs_grad,
+                       "failures": s.failures})
             );
         } else {
-            let verdict = if bad.is_empty() { "ok  " } else { "FAIL" };
+            let verdict = if s.failures.is_empty() {
+                "ok  "
+            } else {
+                "FAIL"
+            };
             outln!(
-                "{verdict} case {i:>3}: {case}  ({} checks, max |err| {abs:.1e}, gradients {grad:.1e})",
-                results.len()
+                "{verdict} case {i:>3}: {case}  ({} checks, max |err| {:.1e}, gradients {:.1e})",
+                s.checks,
+                s.max_abs,
+                s.max_abs_grad
             );
-            for b in &bad {
-                outln!("       {b}");
+            for f in &s.failures {
+                outln!("       {f}");
             }
         }
     }
@@ -727,11 +715,11 @@ fn export<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
     crate::paths::refuse_overlap("--out", &a.out, &inputs)?;
     let (config, model, tok) = if let Some(base) = &base {
         // LoRA: merge the adapters into their base (--base, else the path recorded at training).
-        let (config, model, tok) = load_model::<B>(base, device)?;
+        let (config, model, tok) = crate::model_folder::load::<B>(base, device)?;
         let (model, _) = qwen2_burn::load_lora(model, &actor, device)?;
         (config, model.merge_lora(), tok)
     } else {
-        load_model::<B>(&actor, device)?
+        crate::model_folder::load::<B>(&actor, device)?
     };
     qwen2_burn::save_qwen2(&model, &config, &a.out, dtype, 5 << 30)?;
     let tok_dir = tok
@@ -763,22 +751,9 @@ fn plot(a: PlotArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads model and tokenizer from a Hugging Face folder.
-pub fn load_model<B: Backend>(
-    dir: &Path,
-    device: &B::Device,
-) -> Result<(Qwen2Config, Qwen2<B>, Tokenizer)> {
-    if !dir.is_dir() {
-        bail!("{}: model folder not found", dir.display());
-    }
-    let (_, tokenizer) = Tokenizer::for_model(dir)?;
-    let (config, model) = load_qwen2::<B>(dir, device)?;
-    Ok((config, model, tokenizer))
-}
-
 fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
     crate::demo::announce_default("model", &a.model);
-    let (config, model, tok) = load_model::<B>(&a.model, device)?;
+    let (config, model, tok) = crate::model_folder::load::<B>(&a.model, device)?;
     let p = tok.encode(&a.prompt)?;
     let c = tok.encode(&a.continuation)?;
     if p.is_empty() {
@@ -793,7 +768,7 @@ fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
             c.len()
         ),
     )?;
-    let lps = continuation_logprobs(&model, &p, &c, device);
+    let lps = crate::model_folder::continuation_logprobs(&model, &p, &c, device);
     if let Some(j) = lps.iter().position(|x| !x.is_finite()) {
         bail!(
             "the model computed a non-finite log-prob ({}) for continuation token {j}: its \
@@ -816,71 +791,12 @@ fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-/// `log p(c_j | p, c_<j)` for every continuation token, by one teacher-forced forward pass.
-pub fn continuation_logprobs<B: Backend>(
-    model: &Qwen2<B>,
-    prompt: &[u32],
-    cont: &[u32],
-    device: &B::Device,
-) -> Vec<f32> {
-    if cont.is_empty() {
-        return vec![];
-    }
-    let all: Vec<i64> = prompt.iter().chain(cont).map(|&t| t as i64).collect();
-    let t = all.len() - 1;
-    let hidden = model.hidden(
-        Tensor::<B, 2, Int>::from_data(TensorData::new(all[..t].to_vec(), [1, t]), device),
-        Tensor::<B, 2, Int>::from_data(
-            TensorData::new((0..t as i64).collect::<Vec<_>>(), [1, t]),
-            device,
-        ),
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![true; t], [1, t]), device),
-        None,
-    );
-    let lp = model.token_logprobs(
-        hidden,
-        Tensor::from_data(TensorData::new(all[1..].to_vec(), [1, t]), device),
-        64,
-    );
-    let lp = lp
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32");
-    lp[prompt.len() - 1..].to_vec()
-}
-
-/// Reads a prompts file: each line a JSON string or an object with a string `prompt`.
-pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read", path.display(), i + 1))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-        let p = match &v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other
-                .get("prompt")
-                .and_then(|p| p.as_str())
-                .map(str::to_string)
-                .with_context(|| format!("{}:{}: no string key `prompt`", path.display(), i + 1))?,
-        };
-        out.push(p);
-    }
-    Ok(out)
-}
-
 fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
     crate::demo::announce_default("model", &a.model);
-    let (config, model, tok) = load_model::<B>(&a.model, device)?;
+    let (config, model, tok) = crate::model_folder::load::<B>(&a.model, device)?;
     let texts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![p.clone()],
-        (None, Some(f)) => read_prompts(f)?,
+        (None, Some(f)) => crate::prompt::read_file(f)?,
         (None, None) => bail!("give --prompt TEXT or --prompts FILE.jsonl"),
     };
     if let (true, Some(f)) = (texts.is_empty(), &a.prompts) {
@@ -1244,8 +1160,8 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         quiet: a.quiet,
         resume,
         stop: Some(stop),
-        inject_nan_steps: vec![],
         devices: a.devices,
+        ..Default::default()
     };
     let outcome = crate::trainer::run::<B>(cfg, &out, device, &opts).inspect_err(|_| {
         // A run refused before writing anything leaves no empty folder behind.
@@ -1285,7 +1201,7 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     use crate::eval::{self as ev, ScoreSettings};
     use crate::task::{self, LoadOptions};
     crate::demo::announce_default("model", &a.model);
-    let (config, model, tok) = load_model::<B>(&a.model, device)?;
+    let (config, model, tok) = crate::model_folder::load::<B>(&a.model, device)?;
     let model = match &a.adapter {
         Some(dir) => qwen2_burn::load_lora(model, dir, device)?.0.merge_lora(),
         None => model,
@@ -1431,26 +1347,6 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     Ok(())
 }
 
-/// `(direct prompt, " X<|endoftext|>")` token pairs for SFT.
-pub fn sft_pairs(
-    items: &[crate::task::McqaItem],
-    tok: &Tokenizer,
-) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-    use crate::prompt::{self, PromptStyle};
-    let eos = tok.eos_id()?;
-    items
-        .iter()
-        .map(|it| {
-            let mut target = tok.encode(&prompt::direct_target(it))?;
-            target.push(eos);
-            Ok((
-                tok.encode(&prompt::render(it, PromptStyle::Direct))?,
-                target,
-            ))
-        })
-        .collect()
-}
-
 fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
     use crate::sft::{self as s, SftConfig};
     use burn::module::AutodiffModule;
@@ -1485,7 +1381,7 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             model_config.hidden_size
         );
     }
-    let pairs = sft_pairs(&ds.items, &tok)?;
+    let pairs = crate::sft::pairs(&ds.items, &tok)?;
     if let Some((p, t)) = pairs.iter().max_by_key(|(p, t)| p.len() + t.len()) {
         crate::tokenizer::check_context(
             model_config.max_position_embeddings,

@@ -15,6 +15,12 @@ use crate::verifier::VerifierConfig;
 /// The embedded default: the demo model and task in `assets/demo`, learning in minutes on a CPU.
 pub const DEMO_PRESET: &str = include_str!("../assets/presets/demo.toml");
 
+/// The presets folder (`assets/presets`): relative paths of the embedded demo preset resolve
+/// against it, as they do when the same file is given with `--config`.
+pub fn presets_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/presets")
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
@@ -176,17 +182,21 @@ pub struct PpoConfig {
     /// Truncated importance sampling against the rollout–trainer mismatch (off when unset): the
     /// actor's log-probs are recomputed by the trainer's kernels before the update and serve as
     /// `log π_old`; each token's policy loss is weighted by `min(π_old / π_rollout, cap)`.
+    /// A number, or `"off"`.
+    #[serde(with = "number_or_off")]
     pub rollout_is_cap: Option<f64>,
     pub eps_low: f64,
     pub eps_high: f64,
-    /// Value clip `c` (none: unclipped value loss).
+    /// Value clip `c`, or `"off"`: the unclipped value loss `½·agg((V − G)²)`.
+    #[serde(with = "number_or_off")]
     pub value_clip: Option<f64>,
     pub gamma: f64,
     pub lambda: f64,
     pub kl_estimator: KlEstimator,
     /// β: initial KL coefficient.
     pub kl_coef: f64,
-    /// Adaptive KL controller (Ziegler et al.): target KL; none = fixed β.
+    /// Adaptive KL controller (Ziegler et al.): target KL, or `"off"` (the default): fixed β.
+    #[serde(with = "number_or_off")]
     pub kl_target: Option<f64>,
     pub kl_horizon: f64,
     /// GRPO style: k3 KL as a loss term (weight β) instead of KL-shaped rewards.
@@ -394,7 +404,7 @@ impl TrainConfig {
                 DEMO_PRESET,
                 "embedded demo preset",
                 overrides,
-                &crate::demo::presets_dir(),
+                &presets_dir(),
             ),
         }
     }
@@ -599,6 +609,31 @@ impl std::fmt::Display for Range {
             Range::Below(lo, hi) => write!(f, "in [{lo}, {hi})"),
             Range::AboveAtMost(lo, hi) => write!(f, "in ({lo}, {hi}]"),
             Range::Within(lo, hi) => write!(f, "in [{lo}, {hi}]"),
+        }
+    }
+}
+
+/// Optional numbers a config can switch off by name, since TOML has no null: a number, or the
+/// string `"off"` (`value_clip = "off"`, `--set ppo.value_clip=off`); `None` is written as
+/// `"off"`, so a run's saved `config.toml` reads back as it was.
+mod number_or_off {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(x) => s.serialize_f64(*x),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        match toml::Value::deserialize(d)? {
+            toml::Value::Float(x) => Ok(Some(x)),
+            toml::Value::Integer(x) => Ok(Some(x as f64)),
+            toml::Value::String(s) if s == "off" => Ok(None),
+            other => Err(D::Error::custom(format!(
+                "expected a number or \"off\", found {other}"
+            ))),
         }
     }
 }

@@ -63,12 +63,6 @@ pub fn assets_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo")
 }
 
-/// The presets folder (`assets/presets`): relative paths of the embedded demo preset resolve
-/// against it, as they do when the same file is given with `--config`.
-pub fn presets_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/presets")
-}
-
 /// The embedded demo model: the default `--model` of `eval`, `generate`, `logprobs` and `sft`.
 pub fn model_dir() -> PathBuf {
     assets_dir().join("model")

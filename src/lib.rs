@@ -19,6 +19,7 @@ pub mod exit;
 pub mod experience;
 pub mod loss;
 pub mod memory;
+pub mod model_folder;
 pub mod optimizer;
 pub mod parallel;
 pub mod parquet_rows;

@@ -8,7 +8,15 @@
 
 use burn::tensor::{activation, backend::Backend, DType, Int, Tensor, TensorData};
 
-use crate::sampler::SamplingParams;
+/// The distribution the next token is drawn from: the model's at `temperature` (0: greedy),
+/// truncated to the `top_k` most likely tokens (0: all) and then to the nucleus of mass `top_p`
+/// (1: all).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
 
 /// One decode step's choices, read back to the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +33,7 @@ pub struct Choices {
 }
 
 /// Whether `params` sample from the model's own temperature-1 distribution, untruncated.
-fn is_plain(params: &SamplingParams, vocab: usize) -> bool {
+fn is_plain(params: &Draw, vocab: usize) -> bool {
     params.temperature == 1.0 && (params.top_k == 0 || params.top_k >= vocab) && params.top_p >= 1.0
 }
 
@@ -39,11 +47,7 @@ fn is_plain(params: &SamplingParams, vocab: usize) -> bool {
 ///
 /// Always `log π = log_softmax(z)[id]` and `H = −Σ softmax(z)·log_softmax(z)`, at temperature 1.
 /// `uniforms` holds one `u` per row (ignored when greedy).
-pub fn choose<B: Backend>(
-    logits: Tensor<B, 2>,
-    params: &SamplingParams,
-    uniforms: &[f32],
-) -> Choices {
+pub fn choose<B: Backend>(logits: Tensor<B, 2>, params: &Draw, uniforms: &[f32]) -> Choices {
     let [rows, vocab] = logits.dims();
     let device = logits.device();
     let z = logits.cast(DType::F32);

@@ -13,6 +13,11 @@
 //! One newline between the parts, `X. text` per option, no trailing newline. The prompt ends with
 //! `Assistant:` (no space, nothing forced after it — the model may or may not open `<think>`).
 
+use std::io::BufRead;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
 use crate::task::McqaItem;
 
 /// The paper's template; `{input}` is replaced by [`question_block`].
@@ -61,4 +66,29 @@ pub fn render(item: &McqaItem, style: PromptStyle) -> String {
 /// The direct template's target continuation: ` X` (then the end-of-text token).
 pub fn direct_target(item: &McqaItem) -> String {
     format!(" {}", item.answer)
+}
+
+/// Reads a prompts file: each line a JSON string or an object with a string `prompt`.
+pub fn read_file(path: &Path) -> Result<Vec<String>> {
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}: cannot read", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+        let p = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other
+                .get("prompt")
+                .and_then(|p| p.as_str())
+                .map(str::to_string)
+                .with_context(|| format!("{}:{}: no string key `prompt`", path.display(), i + 1))?,
+        };
+        out.push(p);
+    }
+    Ok(out)
 }

@@ -45,6 +45,17 @@ pub struct SamplingParams {
     pub max_rows: usize,
 }
 
+impl SamplingParams {
+    /// The distribution each next token is drawn from.
+    pub fn draw(&self) -> next_token::Draw {
+        next_token::Draw {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
@@ -260,7 +271,7 @@ pub fn rollout<B: Backend>(
                 _ => 0.0,
             })
             .collect();
-        let chosen = next_token::choose(logits.reshape([b, vocab]), params, &uniforms);
+        let chosen = next_token::choose(logits.reshape([b, vocab]), &params.draw(), &uniforms);
         stats.bytes_read += chosen.bytes_read;
         stats.max_rows = stats.max_rows.max(b);
         // Record them; end the rows that stop.

@@ -111,6 +111,36 @@ pub struct Check {
     pub result: Result<Diff, String>,
 }
 
+/// What one case's checks add up to: how many, the failures, and the worst absolute error of
+/// the outputs and of the gradients (`grad …` checks) among those that passed.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub checks: usize,
+    pub failures: Vec<String>,
+    pub max_abs: f64,
+    pub max_abs_grad: f64,
+}
+
+impl Summary {
+    pub fn of(checks: &[Check]) -> Self {
+        let mut s = Summary {
+            checks: checks.len(),
+            ..Default::default()
+        };
+        for c in checks {
+            match &c.result {
+                Err(e) => s.failures.push(e.clone()),
+                // A passing comparison's error is finite (`check_close` fails on NaN/Inf).
+                Ok(d) if c.name.starts_with("grad") => {
+                    s.max_abs_grad = s.max_abs_grad.max(d.max_abs)
+                }
+                Ok(d) => s.max_abs = s.max_abs.max(d.max_abs),
+            }
+        }
+        s
+    }
+}
+
 /// Runs `case` on `B` and on the reference `R` and compares every output.
 pub fn run_case<B: AutodiffBackend, R: AutodiffBackend>(
     case: &Case,

@@ -15,6 +15,7 @@ use crate::config::OptimConfig;
 use crate::experience::Batch;
 use crate::loss::{aggregate, Aggregation};
 use crate::optimizer::{adamw, clip_global_norm, cosine_lr};
+use crate::tokenizer::Tokenizer;
 
 /// SFT settings.
 #[derive(Debug, Clone)]
@@ -171,6 +172,26 @@ pub fn eval_loss<B: AutodiffBackend>(
         n += tokens;
     }
     sum / n.max(1.0)
+}
+
+/// `(direct prompt, " X<|endoftext|>")` token pairs for SFT.
+pub fn pairs(
+    items: &[crate::task::McqaItem],
+    tok: &Tokenizer,
+) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    use crate::prompt::{self, PromptStyle};
+    let eos = tok.eos_id()?;
+    items
+        .iter()
+        .map(|it| {
+            let mut target = tok.encode(&prompt::direct_target(it))?;
+            target.push(eos);
+            Ok((
+                tok.encode(&prompt::render(it, PromptStyle::Direct))?,
+                target,
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ const CASES: &[Case] = &[
     case(&["train", "--set", "optim.beta1=1.5"], "accepted", 2, &["optim.beta1 = 1.5"]),
     case(&["train", "--set", "optim.eps=0"], "value loss NaN", 2, &["optim.eps = 0"]),
     case(&["train", "--set", "ppo.value_clip=-0.2"], "accepted", 2, &["ppo.value_clip"]),
+    case(&["train", "--set", "ppo.value_clip=of"], "(new: off)", 2, &["--set ppo.value_clip=of", "expected a number or \"off\", found \"of\""]),
     case(&["train", "--set", "optim.grad_clip=-1"], "accepted", 2, &["optim.grad_clip"]),
     case(&["train", "--set", "optim.warmup_ratio=5"], "accepted", 2, &["optim.warmup_ratio = 5"]),
     case(&["train", "--set", "ppo.train_batch=1000"], "accepted", 2, &["ppo.train_batch = 1000", "rollout.prompts_per_step"]),

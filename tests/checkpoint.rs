@@ -11,7 +11,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use med_rlvr::checkpoint;
 use med_rlvr::config::TrainConfig;
 use med_rlvr::experience::Batch;
-use med_rlvr::trainer::{self, StepMetrics, Trainer};
+use med_rlvr::trainer::{self, Fault, Faults, StepMetrics, Trainer};
 
 mod common;
 
@@ -260,7 +260,7 @@ fn a_nan_step_is_skipped_and_the_run_carries_on() {
     let out = tempfile::tempdir().unwrap();
     let opts = trainer::RunOptions {
         quiet: true,
-        inject_nan_steps: vec![1],
+        faults: Faults::default().inject(1, None, Fault::PolicyLoss),
         ..Default::default()
     };
     let r = trainer::run::<B>(cfg(&[]), out.path(), Default::default(), &opts).unwrap();
@@ -274,29 +274,14 @@ fn a_nan_step_is_skipped_and_the_run_carries_on() {
     assert!(r.metrics.iter().all(|m| m.grad_norm.is_finite()));
     assert!(out.path().join("final/model.safetensors").exists());
 
-    // No bad update is applied: the faulty step leaves actor and critic bit-identical, and so
-    // do the optimizer states (the next good step equals a run's step taken from the same point).
-    let mut t = Trainer::<B>::new(cfg(&[]), Default::default()).unwrap();
-    t.step().unwrap();
-    let actor_before = weights(&t.actor);
-    let critic_before = weights(t.critic.as_ref().unwrap());
-    t.inject_nan_steps = vec![1];
-    let (m, _) = t.step().unwrap();
-    assert!(m.skipped.is_some());
-    assert!(
-        actor_before == weights(&t.actor),
-        "the skipped step changed the actor"
-    );
-    assert!(
-        critic_before == weights(t.critic.as_ref().unwrap()),
-        "the skipped step changed the critic"
-    );
-
     // Consecutive faults stop the run with a checkpoint and a message.
     let out = tempfile::tempdir().unwrap();
+    let faults = (0..4).fold(Faults::default(), |f, step| {
+        f.inject(step, None, Fault::PolicyLoss)
+    });
     let opts = trainer::RunOptions {
         quiet: true,
-        inject_nan_steps: vec![0, 1, 2, 3],
+        faults,
         ..Default::default()
     };
     let err = trainer::run::<B>(
@@ -312,6 +297,41 @@ fn a_nan_step_is_skipped_and_the_run_carries_on() {
         .path()
         .join("checkpoints/step-000002/state.json")
         .exists());
+}
+
+/// No bad update is applied, whichever number goes bad: a non-finite rollout number, policy
+/// loss, value loss or gradient (each planned at step 1, after a normal step 0) skips the step
+/// with the cause named, leaves actor and critic bit-identical, and the next step trains again.
+#[test]
+fn every_fault_path_skips_the_step_and_leaves_the_weights() {
+    for (fault, says) in [
+        (Fault::Rollout, "non-finite log-probs, KL or advantages"),
+        (Fault::PolicyLoss, "policy loss NaN"),
+        (Fault::ValueLoss, "value loss NaN"),
+        (Fault::Gradient, "gradient norm actor"),
+    ] {
+        let mut t = Trainer::<B>::new(cfg(&[]), Default::default()).unwrap();
+        t.faults = Faults::default().inject(1, None, fault);
+        t.step().unwrap();
+        let actor = weights(&t.actor);
+        let critic = weights(t.critic.as_ref().unwrap());
+        let (m, _) = t.step().unwrap();
+        let why = m
+            .skipped
+            .unwrap_or_else(|| panic!("{fault:?}: step 1 was not skipped"));
+        assert!(why.contains(says), "{fault:?}: skipped for {why:?}");
+        assert!(actor == weights(&t.actor), "{fault:?} changed the actor");
+        assert!(
+            critic == weights(t.critic.as_ref().unwrap()),
+            "{fault:?} changed the critic"
+        );
+        let (m, _) = t.step().unwrap();
+        assert!(m.skipped.is_none(), "{fault:?}: step 2 {:?}", m.skipped);
+        assert!(
+            actor != weights(&t.actor),
+            "{fault:?}: step 2 did not train"
+        );
+    }
 }
 
 fn bin() -> PathBuf {

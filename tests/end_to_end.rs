@@ -2,7 +2,7 @@
 //! short steps (ndarray; the bf16 base on flex): every number finite, and the behaviour each
 //! setting is for — k2 KL, the adaptive KL controller in both directions, critic warm-up, the
 //! critic-free estimators, asymmetric clipping, token-mean aggregation, top-k/top-p rollouts,
-//! `train.epochs` step counts, and the production defaults (recomputation, critic, LoRA on a bf16
+//! the unclipped value loss (`value_clip = "off"`), `train.epochs` step counts, and the production defaults (recomputation, critic, LoRA on a bf16
 //! base, ragged micro-batches) against the kept graph.
 
 use burn::backend::{Autodiff, Flex, NdArray};
@@ -165,6 +165,55 @@ fn asymmetric_clipping_token_mean_and_top_k_top_p_rollouts_run() {
         assert!(m[0].grad_norm > 0.0, "{extra:?}: no gradient");
         assert!((0.0..=1.0).contains(&m[0].clip_frac), "{extra:?}");
     }
+}
+
+/// `ppo.value_clip = "off"` (TOML has no null) trains the critic on the unclipped value loss: the
+/// numbers of a clip too wide to bind (1e9), not those of one that binds (0.01 once the critic has
+/// moved within the step: two PPO epochs at a large critic learning rate). A run's saved
+/// `config.toml` says "off" again, so a resume keeps it.
+#[test]
+fn value_clip_off_is_the_unclipped_value_loss() {
+    let step = |clip: &str| {
+        let extra = ["ppo.ppo_epochs=2", "optim.critic_lr=2e-2", clip];
+        run::<B>(&extra, 1).1.remove(0)
+    };
+    let (off, wide, tight) = (
+        step("ppo.value_clip=off"),
+        step("ppo.value_clip=1e9"),
+        step("ppo.value_clip=0.01"),
+    );
+    for (name, a, b) in [
+        ("value_loss", off.value_loss, wide.value_loss),
+        (
+            "critic_grad_norm",
+            off.critic_grad_norm,
+            wide.critic_grad_norm,
+        ),
+    ] {
+        assert!((a - b).abs() <= 1e-9 * a.abs(), "{name}: off {a}, 1e9 {b}");
+    }
+    assert!(
+        (off.value_loss - tight.value_loss).abs() > 1e-3 * off.value_loss.abs(),
+        "the 0.01 clip never bound: {} vs {}",
+        off.value_loss,
+        tight.value_loss
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let c = cfg(&["train.steps=1", "ppo.value_clip=\"off\""]);
+    assert_eq!(c.ppo.value_clip, None);
+    let opts = med_rlvr::trainer::RunOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    med_rlvr::trainer::run::<B>(c, out.path(), Default::default(), &opts).unwrap();
+    let saved = out.path().join("config.toml");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(text.contains("value_clip = \"off\""), "{text}");
+    assert_eq!(
+        TrainConfig::load(Some(&saved), &[]).unwrap().ppo.value_clip,
+        None
+    );
 }
 
 #[test]

@@ -130,10 +130,10 @@ fn eval_end_to_end_writes_files_and_the_table_recomputes() {
 #[test]
 fn sft_lowers_the_answer_loss_and_raises_direct_accuracy() {
     use burn::backend::{Autodiff, NdArray};
-    use med_rlvr::cli::sft_pairs;
     use med_rlvr::eval::{generate_and_score, ScoreSettings, Scores};
     use med_rlvr::prompt::PromptStyle;
     use med_rlvr::sampler::SamplingParams;
+    use med_rlvr::sft::pairs as sft_pairs;
     use med_rlvr::sft::{eval_loss, train, SftConfig};
     use med_rlvr::task::{load, DataFormat, LoadOptions};
     use med_rlvr::tokenizer::Tokenizer;

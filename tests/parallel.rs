@@ -1,5 +1,7 @@
 //! Data parallelism on the CPU: two replicas in one process, joined by Burn's collective, take the
-//! same PPO update as one device on the combined batch (within 5e-6; 2e-7 for the LoRA run), and stay equal to each other.
+//! same PPO update as one device on the combined batch (within 5e-6; 2e-7 for the LoRA run), with
+//! sequence-mean and token-mean loss weighting, and stay equal to each other; a fault on one
+//! replica skips the step on both.
 //! One test function: the collective is process-wide, so its uses must not overlap.
 
 use std::path::Path;
@@ -8,7 +10,7 @@ use std::thread;
 use burn::backend::{Autodiff, NdArray};
 use med_rlvr::config::TrainConfig;
 use med_rlvr::parallel::World;
-use med_rlvr::trainer::{self, RunOptions, StepMetrics, Trainer};
+use med_rlvr::trainer::{self, Fault, Faults, RunOptions, StepMetrics, Trainer};
 
 mod common;
 use common::weights;
@@ -147,7 +149,47 @@ fn two_replicas_take_the_single_device_update() {
     // README: within 2e-7 (measured 4.5e-8).
     assert!(d <= 2e-7, "{d}");
 
-    // 3. A step count the devices cannot share is refused with the setting to change.
+    // 3. Token-mean loss weighting across replicas (each micro-batch weighted by its share of
+    //    the global mini-batch's response tokens), PPO with a critic, and a fault on one replica
+    //    only: a NaN policy loss on replica 1 at step 1. Both replicas skip that step (replica 0
+    //    is told by the all-reduce) and the run goes on to equal one device with the same fault.
+    let c = cfg(&[
+        "train.steps=3",
+        "ppo.loss_agg=\"token-mean\"",
+        "ppo.train_batch=4",
+    ]);
+    let run = |devices: usize, rank: Option<usize>| {
+        let out = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            quiet: true,
+            devices,
+            faults: Faults::default().inject(1, rank, Fault::PolicyLoss),
+            ..Default::default()
+        };
+        let m = trainer::run::<B>(c.clone(), out.path(), Default::default(), &opts)
+            .unwrap()
+            .metrics;
+        (m, read_final(out.path()))
+    };
+    let (m1, w1) = run(1, None);
+    let (m2, w2) = run(2, Some(1));
+    let skipped: Vec<Option<&str>> = m2.iter().map(|m| m.skipped.as_deref()).collect();
+    assert_eq!(
+        skipped,
+        [None, Some("a non-finite loss on another device"), None],
+        "replica 0's view of the fault on replica 1"
+    );
+    assert!(m1[1].skipped.is_some() && m1[0].skipped.is_none() && m1[2].skipped.is_none());
+    let good = |m: &[StepMetrics]| -> Vec<StepMetrics> {
+        m.iter().filter(|m| m.skipped.is_none()).cloned().collect()
+    };
+    assert_same_metrics(&good(&m1), &good(&m2));
+    let d = max_diff(&w1, &w2);
+    eprintln!("token-mean PPO with a fault on one replica: max |Δ actor| {d:e}");
+    // README: within 5e-6, as for the sequence-mean run above.
+    assert!(d <= 5e-6, "{d}");
+
+    // 4. A step count the devices cannot share is refused with the setting to change.
     let err = Trainer::<B>::replica(
         cfg(&["rollout.prompts_per_step=3", "ppo.train_batch=4"]),
         Default::default(),

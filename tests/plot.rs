@@ -34,10 +34,43 @@ fn training_figure_has_every_panel() {
     std::fs::write(dir.path().join("metrics.jsonl"), lines.join("\n")).unwrap();
     let files = plot::training_figures(dir.path(), dir.path()).unwrap();
     assert_eq!(files.len(), 2);
-    let png = std::fs::read(&files[0]).unwrap();
-    assert_eq!(&png[1..4], b"PNG");
-    // A blank 1600x760 canvas compresses to a few KB; eight drawn panels do not.
-    assert!(png.len() > 30_000, "PNG only {} bytes", png.len());
+    // The PNG: 1600×760, a 4×2 grid of panels, each with its series (or stage bands) drawn in
+    // the palette's colours; axes, grid and text are black, grey or white.
+    let decoder = png::Decoder::new(std::fs::File::open(&files[0]).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height), (1600, 760));
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    const SERIES: [[u8; 3]; 7] = [
+        [31, 119, 180],
+        [255, 127, 14],
+        [44, 160, 44],
+        [214, 39, 40],
+        [148, 103, 189],
+        [140, 86, 75],
+        [227, 119, 194],
+    ];
+    let drawn = |x0: usize, y0: usize| {
+        let mut n = 0;
+        for y in y0..y0 + 380 {
+            for x in x0..x0 + 400 {
+                let p = &pixels[(y * 1600 + x) * 3..][..3];
+                let near = |c: &[u8; 3]| p.iter().zip(c).all(|(a, b)| a.abs_diff(*b) <= 8);
+                n += usize::from(SERIES.iter().any(near));
+            }
+        }
+        n
+    };
+    for row in 0..2 {
+        for col in 0..4 {
+            let n = drawn(col * 400, row * 380);
+            assert!(
+                n >= 300,
+                "panel ({row}, {col}): {n} pixels in series colours"
+            );
+        }
+    }
     let svg = std::fs::read_to_string(&files[1]).unwrap();
     for title in [
         "mean reward",

@@ -1,5 +1,10 @@
-//! PPO math against OpenRLHF v0.5.9's own functions (fixture computed by them in float64), and
-//! hand-checked critic-free estimators.
+//! PPO math against the reference implementations' own functions: OpenRLHF v0.5.9 and verl 0.4.1,
+//! loaded from their wheels by `tests/fixtures/make_ppo_math_reference.py` and run in float64 on
+//! six batches (5×9 — the original OpenRLHF fixture's inputs —, 8×13, 6×4, 4×1, 12×7, 9×22; ragged
+//! masks, both clip sides binding, groups of 2–5 samples per prompt). Every KL estimator, the
+//! KL-shaped rewards, GAE, whitening, the clipped policy loss (symmetric and asymmetric, both
+//! aggregations), the value and KL losses with their gradients, and every critic-free estimator;
+//! plus hand-checked cases.
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -12,7 +17,7 @@ mod common;
 fn fixture() -> Value {
     let p = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/openrlhf_v0.5.9_ppo_math.json"
+        "/tests/fixtures/ppo_math_reference.json"
     );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -47,7 +52,7 @@ fn assert_close(got: &Grid, want: &Grid, tol: f64, what: &str) {
 }
 
 #[test]
-fn kl_rewards_gae_whitening_match_openrlhf() {
+fn kl_rewards_gae_whitening_match_the_references() {
     let f = fixture();
     for case in f["cases"].as_array().unwrap() {
         let o = &case["outputs"];
@@ -66,16 +71,20 @@ fn kl_rewards_gae_whitening_match_openrlhf() {
             1e-6,
             "kl_k3",
         );
-        let k1_fixture = grid(&o["kl_k1"]);
-        for beta in [0.01, 0.05] {
-            let tr = adv::token_rewards(&r, &k1_fixture, &mask, beta);
-            // OpenRLHF builds the token rewards in float32: agreement to ~1e-8.
-            assert_close(
-                &tr,
-                &grid(&o[format!("token_rewards_k1_beta{beta}").as_str()]),
-                1e-6,
-                "token_rewards",
-            );
+        // k2 = d²/2 (verl's "k2"), computed in float64 there.
+        assert_close(
+            &adv::kl(&old, &reference, &mask, KlEstimator::K2),
+            &grid(&o["kl_k2"]),
+            1e-12,
+            "kl_k2",
+        );
+        for est in ["k1", "k2", "k3"] {
+            let kl = grid(&o[format!("kl_{est}").as_str()]);
+            for beta in [0.01, 0.05] {
+                let key = format!("token_rewards_{est}_beta{beta}");
+                let tr = adv::token_rewards(&r, &kl, &mask, beta);
+                assert_close(&tr, &grid(&o[key.as_str()]), 1e-12, &key);
+            }
         }
         let rewards = grid(&o["token_rewards_k1_beta0.01"]);
         for (g, l) in [(1.0, 1.0), (1.0, 0.95), (0.99, 0.95)] {
@@ -86,20 +95,23 @@ fn kl_rewards_gae_whitening_match_openrlhf() {
         }
         let (a, _) = adv::gae(&rewards, &values, &mask, 1.0, 1.0);
         let w = adv::whiten(&a, &mask);
+        // OpenRLHF's normalize takes the mean and std in float32 (`.float()`), hence 1e-6.
         // Compare valid tokens (padding positions are masked out of every loss).
-        let masked = |g: &Grid| -> Grid {
-            g.iter()
-                .zip(&mask)
-                .map(|(r, m)| r.iter().zip(m).map(|(x, y)| x * y).collect())
-                .collect()
-        };
         assert_close(
-            &masked(&w),
-            &masked(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"])),
-            1e-12,
+            &masked(&w, &mask),
+            &masked(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"]), &mask),
+            1e-6,
             "whitened",
         );
     }
+}
+
+/// `g` with padding positions zeroed.
+fn masked(g: &Grid, mask: &Grid) -> Grid {
+    g.iter()
+        .zip(mask)
+        .map(|(r, m)| r.iter().zip(m).map(|(x, y)| x * y).collect())
+        .collect()
 }
 
 fn t2<B: Backend>(g: &Grid, dev: &B::Device) -> Tensor<B, 2> {
@@ -314,4 +326,145 @@ fn truncated_importance_weights_scale_the_openrlhf_policy_loss() {
     }
     // Huge log-ratios are clamped before the exp, then capped.
     assert_eq!(loss::truncated_is_weights(&[0.0], &[-1e6], 5.0), vec![5.0]);
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap()
+}
+
+/// verl's `compute_policy_loss` with asymmetric clipping (`cliprange_low/high`) under both
+/// aggregations, its value loss and GRPO's k3 KL loss, losses, gradients and clip fractions.
+#[test]
+fn asymmetric_clipping_and_both_aggregations_match_verl() {
+    type B = Autodiff<NdArray<f64>>;
+    // Both in float64; verl's token means divide by `Σm + 1e-8`, hence 1e-8 (the losses agree
+    // to ~1e-11 otherwise).
+    const TOL: f64 = 1e-8;
+    let dev = Default::default();
+    let f = fixture();
+    let aggs = [
+        ("token-mean", Aggregation::TokenMean),
+        ("seq-mean-token-mean", Aggregation::SeqMeanTokenMean),
+    ];
+    let mut compared = 0;
+    for case in f["cases"].as_array().unwrap() {
+        let o = &case["outputs"];
+        let mask = t2::<B>(&grid(&case["action_mask"]), &dev);
+        let advs = t2::<B>(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"]), &dev);
+        let old = t2::<B>(&grid(&case["old_log_probs"]), &dev);
+        let reference = t2::<B>(&grid(&case["ref_log_probs"]), &dev);
+        let returns = t2::<B>(&grid(&o["gae_gamma1.0_lambda1.0"]["returns"]), &dev);
+        for (name, agg) in aggs {
+            for (low, high) in [(0.2, 0.2), (0.2, 0.28), (0.1, 0.3)] {
+                let want = &o[format!("verl_policy_loss_low{low}_high{high}_{name}").as_str()];
+                let logp = t2::<B>(&grid(&case["log_probs"]), &dev).require_grad();
+                let (l, clip_frac) = loss::policy_loss(
+                    logp.clone(),
+                    old.clone(),
+                    advs.clone(),
+                    mask.clone(),
+                    low,
+                    high,
+                    agg,
+                    None,
+                );
+                let what = format!("policy loss eps {low}/{high} {name}");
+                common::assert_close(
+                    &what,
+                    &[scalar(l.clone()), clip_frac],
+                    &[
+                        want["loss"].as_f64().unwrap(),
+                        want["clip_frac"].as_f64().unwrap(),
+                    ],
+                    TOL,
+                );
+                let g = to_grid::<NdArray<f64>>(logp.grad(&l.backward()).unwrap());
+                assert_close(&g, &grid(&want["grad_log_probs"]), TOL, &what);
+                compared += 1;
+            }
+            let want = &o[format!("verl_value_loss_clip0.2_{name}").as_str()];
+            let values = t2::<B>(&grid(&case["values"]), &dev).require_grad();
+            let l = loss::value_loss(
+                values.clone(),
+                t2::<B>(&grid(&case["old_values"]), &dev),
+                returns.clone(),
+                mask.clone(),
+                Some(0.2),
+                agg,
+            );
+            let what = format!("value loss {name}");
+            common::assert_close(
+                &what,
+                &[scalar(l.clone())],
+                &[want["loss"].as_f64().unwrap()],
+                TOL,
+            );
+            let g = to_grid::<NdArray<f64>>(values.grad(&l.backward()).unwrap());
+            assert_close(&g, &grid(&want["grad_values"]), TOL, &what);
+
+            let want = &o[format!("verl_kl_loss_k3_{name}").as_str()];
+            let logp = t2::<B>(&grid(&case["log_probs"]), &dev).require_grad();
+            let l = loss::kl_loss(logp.clone(), reference.clone(), mask.clone(), agg);
+            let what = format!("k3 KL loss {name}");
+            common::assert_close(
+                &what,
+                &[scalar(l.clone())],
+                &[want["loss"].as_f64().unwrap()],
+                TOL,
+            );
+            let g = to_grid::<NdArray<f64>>(logp.grad(&l.backward()).unwrap());
+            assert_close(&g, &grid(&want["grad_log_probs"]), TOL, &what);
+        }
+    }
+    assert_eq!(compared, 6 * 2 * 3);
+}
+
+/// The critic-free estimators on outcome rewards against verl (GRPO, Dr. GRPO = GRPO without the
+/// std, RLOO, REINFORCE++ with the group baseline) and OpenRLHF (REINFORCE++ with KL-shaped token
+/// rewards and a discount).
+#[test]
+fn critic_free_estimators_match_verl_and_openrlhf() {
+    let f = fixture();
+    for case in f["cases"].as_array().unwrap() {
+        let o = &case["outputs"];
+        let mask = grid(&case["action_mask"]);
+        let r = vec1(&case["sequence_rewards"]);
+        let n = case["group_size"].as_u64().unwrap() as usize;
+        let zero_kl: Grid = mask.iter().map(|m| vec![0.0; m.len()]).collect();
+        let ours = |est, kl: &Grid, beta, gamma| {
+            masked(
+                &adv::critic_free_advantages(&r, n, kl, &mask, beta, gamma, est),
+                &mask,
+            )
+        };
+        for (est, key) in [
+            (Estimator::Grpo, "verl_grpo_eps1e-9"),
+            (Estimator::DrGrpo, "verl_grpo_no_std"),
+            (Estimator::Rloo, "verl_rloo"),
+        ] {
+            assert_close(&ours(est, &zero_kl, 0.0, 1.0), &grid(&o[key]), 1e-12, key);
+        }
+        // verl whitens with the unbiased variance, the trainer (as OpenRLHF) with the population
+        // one: `A_verl · √(var_unbiased + 1e-8) / √max(var_population, 1e-8)` is the trainer's
+        // (within 1e-8: verl's masked mean divides by `Σm + 1e-8`).
+        let b = &o["verl_reinforce_pp_baseline"];
+        let (vu, vp) = (
+            b["var_unbiased"].as_f64().unwrap(),
+            b["var_population"].as_f64().unwrap(),
+        );
+        let scale = (vu + 1e-8).sqrt() / vp.max(1e-8).sqrt();
+        let want: Grid = grid(&b["advantages"])
+            .iter()
+            .map(|row| row.iter().map(|x| x * scale).collect())
+            .collect();
+        let got = ours(Estimator::ReinforcePpBaseline, &zero_kl, 0.0, 1.0);
+        assert_close(&got, &masked(&want, &mask), 1e-8, "reinforce_pp_baseline");
+        // OpenRLHF whitens in float32 (`.float()`), hence 1e-6.
+        let kl = grid(&o["kl_k1"]);
+        for gamma in [1.0, 0.99] {
+            let key = format!("reinforce_pp_beta0.05_gamma{gamma:?}");
+            let got = ours(Estimator::ReinforcePp, &kl, 0.05, gamma);
+            assert_close(&got, &masked(&grid(&o[key.as_str()]), &mask), 1e-6, &key);
+        }
+    }
 }

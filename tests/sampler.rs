@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use med_rlvr::cli::continuation_logprobs;
+use med_rlvr::model_folder::continuation_logprobs;
 use med_rlvr::next_token;
 use med_rlvr::sampler::{self, FinishReason, NoDetokenizer, SamplingParams};
 use med_rlvr::tokenizer::Tokenizer;
@@ -132,44 +132,6 @@ fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution<B: Backe
         let s: f64 = w.iter().sum();
         w.into_iter().map(|x| x / s).collect::<Vec<_>>()
     };
-    let t = 0.7f64;
-    let full = softmax(t, &(0..8).collect::<Vec<_>>());
-    // Nucleus keeps the smallest prefix whose mass reaches top_p.
-    let top_p = 0.8;
-    let mut mass = 0.0;
-    let nucleus: Vec<usize> = (0..8)
-        .take_while(|&i| {
-            let keep = mass < top_p;
-            mass += full[i];
-            keep
-        })
-        .collect();
-    let cases: Vec<(SamplingParams, Vec<usize>)> = vec![
-        (
-            SamplingParams {
-                temperature: t as f32,
-                ..Default::default()
-            },
-            (0..8).collect(),
-        ),
-        (
-            SamplingParams {
-                temperature: t as f32,
-                top_k: 3,
-                ..Default::default()
-            },
-            vec![0, 1, 2],
-        ),
-        (
-            SamplingParams {
-                temperature: t as f32,
-                top_p: top_p as f32,
-                ..Default::default()
-            },
-            nucleus.clone(),
-        ),
-    ];
-    assert!(nucleus.len() < 8 && nucleus.len() > 1);
     // The device draws `n` rows of the same logits at once, one host uniform per row.
     let n = 200_000;
     let dev = Default::default();
@@ -177,33 +139,74 @@ fn temperature_top_k_top_p_frequencies_match_the_truncated_distribution<B: Backe
         Tensor::<B, 2>::from_data(TensorData::new(logits.clone(), [1, 8]), &dev).expand([n, 8]);
     let mut rng = StdRng::seed_from_u64(9);
     let uniforms: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
-    for (params, keep) in cases {
-        let want = softmax(t, &keep);
-        let chosen = next_token::choose(rows.clone(), &params, &uniforms);
-        let mut counts = vec![0usize; keep.len()];
-        for (i, &id) in chosen.ids.iter().enumerate() {
-            let k = keep
-                .iter()
-                .position(|&k| k == id as usize)
-                .unwrap_or_else(|| panic!("token {id} is outside {keep:?}"));
-            counts[k] += 1;
-            // `log q` is the truncated, renormalised probability of the drawn token.
-            let q = chosen.sampling_logprobs[i] as f64;
-            assert!((q - want[k].ln()).abs() < 1e-5, "{q} vs {}", want[k].ln());
+    // T = 1 with no truncation is the plain path (the draw from π itself, `log q` = `log π`
+    // gathered once); T = 0.7 the scaled one.
+    for t in [1.0f64, 0.7] {
+        let full = softmax(t, &(0..8).collect::<Vec<_>>());
+        // Nucleus keeps the smallest prefix whose mass reaches top_p.
+        let top_p = 0.8;
+        let mut mass = 0.0;
+        let nucleus: Vec<usize> = (0..8)
+            .take_while(|&i| {
+                let keep = mass < top_p;
+                mass += full[i];
+                keep
+            })
+            .collect();
+        let cases: Vec<(SamplingParams, Vec<usize>)> = vec![
+            (
+                SamplingParams {
+                    temperature: t as f32,
+                    ..Default::default()
+                },
+                (0..8).collect(),
+            ),
+            (
+                SamplingParams {
+                    temperature: t as f32,
+                    top_k: 3,
+                    ..Default::default()
+                },
+                vec![0, 1, 2],
+            ),
+            (
+                SamplingParams {
+                    temperature: t as f32,
+                    top_p: top_p as f32,
+                    ..Default::default()
+                },
+                nucleus.clone(),
+            ),
+        ];
+        assert!(nucleus.len() < 8 && nucleus.len() > 1);
+        for (params, keep) in cases {
+            let want = softmax(t, &keep);
+            let chosen = next_token::choose(rows.clone(), &params.draw(), &uniforms);
+            let mut counts = vec![0usize; keep.len()];
+            for (i, &id) in chosen.ids.iter().enumerate() {
+                let k = keep
+                    .iter()
+                    .position(|&k| k == id as usize)
+                    .unwrap_or_else(|| panic!("token {id} is outside {keep:?}"));
+                counts[k] += 1;
+                // `log q` is the truncated, renormalised probability of the drawn token.
+                let q = chosen.sampling_logprobs[i] as f64;
+                assert!((q - want[k].ln()).abs() < 1e-5, "{q} vs {}", want[k].ln());
+            }
+            // 99.9% critical values of chi-square for df = k − 1 ≤ 7 are below 24.4.
+            let x2 = chi_square(&counts, &want, n);
+            assert!(x2 < 24.4, "chi-square {x2} for keep={keep:?}");
+            // `log π` and the entropy are the temperature-1 distribution's, whatever is sampled.
+            let full1 = (0..8).map(|i| (logits[i] as f64).exp()).collect::<Vec<_>>();
+            let z: f64 = full1.iter().sum();
+            let h: f64 = -full1.iter().map(|p| p / z * (p / z).ln()).sum::<f64>();
+            assert!((chosen.entropies[0] as f64 - h).abs() < 1e-5);
+            let id = chosen.ids[0] as usize;
+            assert!((chosen.logprobs[0] as f64 - (full1[id] / z).ln()).abs() < 1e-5);
         }
-        // 99.9% critical values of chi-square for df = k − 1 ≤ 7 are below 24.4.
-        let x2 = chi_square(&counts, &want, n);
-        assert!(x2 < 24.4, "chi-square {x2} for keep={keep:?}");
-        // `log π` and the entropy are the temperature-1 distribution's, whatever is sampled.
-        let full1 = (0..8).map(|i| (logits[i] as f64).exp()).collect::<Vec<_>>();
-        let z: f64 = full1.iter().sum();
-        let h: f64 = -full1.iter().map(|p| p / z * (p / z).ln()).sum::<f64>();
-        assert!((chosen.entropies[0] as f64 - h).abs() < 1e-5);
-        let id = chosen.ids[0] as usize;
-        assert!((chosen.logprobs[0] as f64 - (full1[id] / z).ln()).abs() < 1e-5);
     }
     // Greedy puts all mass on the argmax, with log q = 0.
-    let g = next_token::choose(rows.slice([0..3, 0..8]), &greedy(1), &[]);
+    let g = next_token::choose(rows.slice([0..3, 0..8]), &greedy(1).draw(), &[]);
     assert_eq!(g.ids, vec![0, 0, 0]);
     assert_eq!(g.sampling_logprobs, vec![0.0; 3]);
 }
@@ -216,7 +219,7 @@ fn bytes_read_back_per_decode_step_are_o_rows_not_o_vocab<B: Backend>() {
     let per_row = |vocab: usize, rows: usize| {
         let z = Tensor::<B, 2>::random([rows, vocab], burn::tensor::Distribution::Default, &dev);
         let params = SamplingParams::default();
-        next_token::choose(z, &params, &vec![0.5; rows]).bytes_read as f64 / rows as f64
+        next_token::choose(z, &params.draw(), &vec![0.5; rows]).bytes_read as f64 / rows as f64
     };
     let small = per_row(8, 4);
     assert_eq!(small, per_row(1024, 4));

@@ -143,7 +143,7 @@ fn two_ppo_steps_equal_the_cpu_reference<B: AutodiffBackend>() {
 /// 1e-4 at every position for every total length 2–70, on the demo model (tied head, vocabulary
 /// 1,457) and, on the CPU backends, the untied f32 fixture too (software Vulkan is slow).
 fn logprobs_equal_the_cpu_reference_at_every_total_length<B: AutodiffBackend>() {
-    use med_rlvr::cli::continuation_logprobs;
+    use med_rlvr::model_folder::continuation_logprobs;
     use qwen2_burn::load_qwen2;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dirs: &[&str] = if cfg!(feature = "wgpu") {

@@ -12,7 +12,7 @@ pub struct Linear<B: Backend> {
     /// `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// A LoRA adapter (see `lora.rs`), absent on plain layers.
-    pub lora: Option<crate::lora::Lora<B>>,
+    pub lora: Option<Lora<B>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -67,5 +67,24 @@ pub fn mixed_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2
         x.matmul(w)
     } else {
         x.cast(wt).matmul(w).cast(xt)
+    }
+}
+
+/// One adapter: `Δy = s·(x·A)·B`.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[in, r]`.
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, out]`.
+    pub b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// `Δy` for `x: [rows, in]`.
+    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(self.a.val())
+            .matmul(self.b.val())
+            .mul_scalar(self.scale)
     }
 }

@@ -14,7 +14,7 @@ use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::linear::{to_dtype, Linear};
+use crate::linear::{to_dtype, Linear, Lora};
 use crate::model::Qwen2;
 
 /// The seven projection layers of a Qwen2 block, by their Hugging Face names.
@@ -58,25 +58,6 @@ impl LoraSpec {
             }
         }
         Ok(())
-    }
-}
-
-/// One adapter: `Δy = s·(x·A)·B`.
-#[derive(Module, Debug)]
-pub struct Lora<B: Backend> {
-    /// `[in, r]`.
-    pub a: Param<Tensor<B, 2>>,
-    /// `[r, out]`.
-    pub b: Param<Tensor<B, 2>>,
-    pub scale: f64,
-}
-
-impl<B: Backend> Lora<B> {
-    /// `Δy` for `x: [rows, in]`.
-    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        x.matmul(self.a.val())
-            .matmul(self.b.val())
-            .mul_scalar(self.scale)
     }
 }
 

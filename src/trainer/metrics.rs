@@ -3,13 +3,59 @@
 
 use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
 
 use super::advantages::AdvantageStats;
 use super::rollout::StepPrompts;
 use super::update::UpdateStats;
-use super::{PhaseClock, StepMetrics, Trainer};
+use super::{PhaseClock, Trainer};
 use crate::sampler::Sample;
 use crate::verifier::{Stage, Summary, Verdict};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: usize,
+    pub reward_mean: f64,
+    pub format_rate: f64,
+    pub accuracy: f64,
+    pub response_len_mean: f64,
+    pub think_len_mean: f64,
+    pub kl: f64,
+    pub kl_coef: f64,
+    pub entropy: f64,
+    pub policy_loss: f64,
+    pub value_loss: f64,
+    pub clip_frac: f64,
+    pub explained_var: f64,
+    pub grad_norm: f64,
+    pub critic_grad_norm: f64,
+    pub lr: f64,
+    pub critic_lr: f64,
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+    /// `|log π_update − log π_rollout|` over the first mini-batch's tokens before any optimizer
+    /// step (the sampler's and the trainer's kernels at the same weights): mean and max; and
+    /// the spread (std) of the ratio `π_update / π_rollout` there. 0 when the actor did not train.
+    pub logprob_gap_mean: f64,
+    pub logprob_gap_max: f64,
+    pub rollout_ratio_std: f64,
+    /// Wall-clock seconds of the step's phases: `generate`, `reward`, `reference_values`
+    /// (reference log-probs and critic values), `advantages`, `update`.
+    pub phase_seconds: std::collections::BTreeMap<String, f64>,
+    /// A reward program's named components, mean over the step's samples (this replica's).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub reward_components: std::collections::BTreeMap<String, f64>,
+    pub stages: std::collections::BTreeMap<String, usize>,
+    /// Greedy held-out accuracy / format rate, on evaluation steps.
+    pub eval_accuracy: Option<f64>,
+    pub eval_format_rate: Option<f64>,
+    /// Why the step's update was skipped (a NaN or Inf in the KL, a loss or a gradient norm);
+    /// absent on normal steps. Updates applied before the fault in the same step are kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Updates the KL coefficient (after a clean update) and the bad-step streak, tallies the
