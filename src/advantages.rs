@@ -159,6 +159,20 @@ pub enum Estimator {
 }
 
 impl Estimator {
+    /// Whether it trains a critic (GAE only).
+    pub fn uses_critic(self) -> bool {
+        self == Estimator::Gae
+    }
+
+    /// Whether its baseline is computed over a group of samples of one prompt, so it needs
+    /// `rollout.n ≥ 2` (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline).
+    pub fn needs_groups(self) -> bool {
+        matches!(
+            self,
+            Estimator::Grpo | Estimator::DrGrpo | Estimator::Rloo | Estimator::ReinforcePpBaseline
+        )
+    }
+
     /// Whether the advantages are whitened over the whole batch (GAE and the REINFORCE++ pair).
     pub fn whitens(self) -> bool {
         matches!(

@@ -233,6 +233,14 @@ pub struct EvalArgs {
     /// Output folder (generations.jsonl, summary.json, table.md).
     #[arg(long, default_value = "eval-out")]
     pub out: PathBuf,
+    /// Take each reply's reward from this program (as `reward.program` in training: one JSON
+    /// request per line in, one `{"reward": …}` per line out); format and accuracy stay the
+    /// verifier's. The command and its arguments, e.g. `--reward-program python3 rp.py`.
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    pub reward_program: Vec<String>,
+    /// Seconds to wait for each of the program's answers.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_real)]
+    pub reward_timeout_s: f64,
 }
 
 #[derive(Args, Debug)]
@@ -1295,6 +1303,13 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
         std::fs::File::create(&gen_path)
             .with_context(|| format!("{}: cannot create", gen_path.display()))?,
     );
+    let mut program = match a.reward_program.is_empty() {
+        true => None,
+        false => Some(crate::reward::RewardProgram::start(
+            &a.reward_program,
+            std::time::Duration::from_secs_f64(a.reward_timeout_s),
+        )?),
+    };
     let mut reports = Vec::new();
     for (path, ds) in sets {
         let name = path
@@ -1302,7 +1317,10 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         let t0 = std::time::Instant::now();
-        let gens = ev::generate_and_score(&model, &config, &tok, &ds.items, &settings, device)?;
+        let mut gens = ev::generate_and_score(&model, &config, &tok, &ds.items, &settings, device)?;
+        if let Some(p) = program.as_mut() {
+            ev::program_rewards(p, &name, &ds.items, a.prompt, &mut gens)?;
+        }
         let secs = t0.elapsed().as_secs_f64();
         eprintln!(
             "{name}: {} questions in {secs:.1} s ({:.3} s per question)",
@@ -1334,7 +1352,9 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
             .unwrap_or_default()
     });
     let summary = json!({"model": model_name, "model_path": a.model, "prompt": a.prompt, "n": a.n, "temperature": a.temperature,
-        "bootstrap_resamples": a.resamples, "seed": a.seed, "datasets": reports});
+        "bootstrap_resamples": a.resamples, "seed": a.seed,
+        "reward_program": (!a.reward_program.is_empty()).then(|| a.reward_program.join(" ")),
+        "datasets": reports});
     let summary_path = a.out.join("summary.json");
     std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?)
         .with_context(|| format!("{}: cannot write", summary_path.display()))?;

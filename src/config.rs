@@ -537,11 +537,7 @@ impl TrainConfig {
                     .into(),
             ));
         }
-        if matches!(
-            p.estimator,
-            Estimator::Grpo | Estimator::DrGrpo | Estimator::Rloo | Estimator::ReinforcePpBaseline
-        ) && r.n < 2
-        {
+        if p.estimator.needs_groups() && r.n < 2 {
             v.push(Problem::new(
                 &["rollout.n", "ppo.estimator"],
                 format!(

@@ -738,13 +738,21 @@ fn pretrain<B: AutodiffBackend>(
     Ok(model)
 }
 
-/// Builds the demo task and model into `out` (`train.jsonl`, `test.jsonl`, `model/`).
-pub fn build<B: AutodiffBackend>(
-    out: &Path,
-    seed: u64,
-    epochs: usize,
-    device: &B::Device,
-) -> Result<()> {
+/// The demo task written by [`write_task`], and what pretraining reads after it.
+pub struct DemoTask {
+    pub tok: Tokenizer,
+    test: Vec<McqaItem>,
+    names: Vec<String>,
+    knowledge: Vec<String>,
+    skill: Vec<String>,
+    probes: Vec<String>,
+    rng: StdRng,
+}
+
+/// Writes the demo's data and tokenizer into `out` (`train.jsonl`, `test.jsonl`,
+/// `model/tokenizer.json`): a function of `seed` alone (the committed `assets/demo` files are
+/// seed 0's), drawn before any training so no kernel's rounding can change them.
+pub fn write_task(out: &Path, seed: u64) -> Result<DemoTask> {
     let mut rng = StdRng::seed_from_u64(seed);
     let train = synthetic_items(480, &mut rng, "train");
     let test = synthetic_items(120, &mut rng, "test");
@@ -764,6 +772,34 @@ pub fn build<B: AutodiffBackend>(
     tok_corpus.extend(train.iter().map(|it| prompt::render(it, PromptStyle::R1)));
     train_tokenizer(&tok_corpus, &names, &out.join("model/tokenizer.json"))?;
     let tok = Tokenizer::from_dir(&out.join("model"))?;
+    Ok(DemoTask {
+        tok,
+        test,
+        names,
+        knowledge,
+        skill,
+        probes,
+        rng,
+    })
+}
+
+/// Builds the demo task and model into `out` (`train.jsonl`, `test.jsonl`, `model/`): the task
+/// ([`write_task`]), then a random model pretrained in three phases.
+pub fn build<B: AutodiffBackend>(
+    out: &Path,
+    seed: u64,
+    epochs: usize,
+    device: &B::Device,
+) -> Result<()> {
+    let DemoTask {
+        tok,
+        test,
+        names,
+        knowledge,
+        skill,
+        probes,
+        mut rng,
+    } = write_task(out, seed)?;
     let config = demo_config(tok.vocab_size(), tok.eos_id()?);
     let model = Qwen2::<B>::init_random(&config, seed, device);
     let model = pretrain(

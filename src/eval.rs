@@ -1,5 +1,6 @@
 //! Greedy (or sampled) evaluation: render prompts, generate through the batched sampler, score with
-//! the verifier. Used by `train` for held-out curves and by `eval`.
+//! the verifier (and, on request, take the rewards from a reward program). Used by `train` for
+//! held-out curves and by `eval`.
 
 use anyhow::Result;
 use burn::tensor::backend::Backend;
@@ -7,7 +8,7 @@ use qwen2_burn::{Qwen2, Qwen2Config};
 use serde::Serialize;
 
 use crate::prompt::{self, PromptStyle};
-use crate::reward::Gold;
+use crate::reward::{Gold, Request, RewardProgram};
 use crate::sampler::{self, SamplingParams};
 use crate::task::McqaItem;
 use crate::tokenizer::Tokenizer;
@@ -16,6 +17,9 @@ use crate::verifier::{self, Verdict, VerifierConfig};
 /// One scored generation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Generation {
+    /// The item's index in the evaluated items.
+    #[serde(skip)]
+    pub item_index: usize,
     pub id: String,
     pub category: Option<String>,
     pub gold: char,
@@ -86,6 +90,7 @@ pub fn generate_and_score<B: Backend>(
         let response = tok.decode(&s.output_ids);
         let verdict = crate::reward::score(style, &response, &Gold::of(item), vcfg);
         out.push(Generation {
+            item_index: s.prompt_index,
             id: item.id.clone(),
             category: item.category.clone(),
             gold: item.answer,
@@ -96,6 +101,34 @@ pub fn generate_and_score<B: Backend>(
         });
     }
     Ok(out)
+}
+
+/// Replaces each generation's reward with a reward program's answer (format and accuracy stay the
+/// verifier's, as in training); request ids are `eval/DATASET/ITEM/sample-K`.
+pub fn program_rewards(
+    program: &mut RewardProgram,
+    dataset: &str,
+    items: &[McqaItem],
+    style: PromptStyle,
+    gens: &mut [Generation],
+) -> Result<()> {
+    let prompts: Vec<String> = gens
+        .iter()
+        .map(|g| prompt::render(&items[g.item_index], style))
+        .collect();
+    let requests: Vec<Request> = gens
+        .iter()
+        .zip(&prompts)
+        .map(|(g, p)| {
+            let id = format!("eval/{dataset}/{}/sample-{}", g.id, g.sample_index);
+            Request::new(id, p, &g.response, &items[g.item_index])
+        })
+        .collect();
+    let answers = program.score(&requests)?;
+    for (g, a) in gens.iter_mut().zip(answers) {
+        g.verdict.reward = a.reward as f32;
+    }
+    Ok(())
 }
 
 /// Bootstrap: the mean of `outcomes` and the standard deviation of the mean over `resamples`

@@ -20,7 +20,6 @@
 use qwen2_burn::{LoraSpec, Qwen2Config};
 use serde::Serialize;
 
-use crate::advantages::Estimator;
 use crate::config::TrainConfig;
 
 const F32: u64 = 4;
@@ -107,7 +106,7 @@ impl PlanInputs {
         Self {
             model: model.clone(),
             lora: cfg.lora.spec(),
-            critic: cfg.ppo.estimator == Estimator::Gae,
+            critic: cfg.ppo.estimator.uses_critic(),
             rollout_rows: match cfg.rollout.generate_batch {
                 0 => prompts,
                 g => g.min(prompts),

@@ -73,6 +73,22 @@ pub struct Request<'a> {
     pub category: Option<&'a str>,
 }
 
+impl<'a> Request<'a> {
+    /// The request for `reply` to `item`, asked with the rendered `prompt`.
+    pub fn new(id: String, prompt: &'a str, reply: &'a str, item: &'a McqaItem) -> Self {
+        Request {
+            id,
+            prompt,
+            reply,
+            item_id: &item.id,
+            question: &item.question,
+            options: &item.options,
+            answer: item.answer.to_string(),
+            category: item.category.as_deref(),
+        }
+    }
+}
+
 /// A reward program's answer to one request (one JSON line on its stdout, in request order):
 /// `{"reward": 0.5, "components": {"format": 1.0}}`; the components are optional and are logged
 /// (their means per step) in `metrics.jsonl` as `reward_components`.

@@ -20,7 +20,6 @@ use qwen2_burn::{load_qwen2, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
 
-use crate::advantages::Estimator;
 use crate::checkpoint as ckpt;
 use crate::config::{BaseDtype, TrainConfig};
 use crate::critic::Critic;
@@ -194,7 +193,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             None => base.clone(),
         };
         let actor = stable_param_ids(backbone(0), ACTOR_IDS);
-        let critic = (cfg.ppo.estimator == Estimator::Gae).then(|| {
+        let critic = cfg.ppo.estimator.uses_critic().then(|| {
             stable_param_ids(Critic::new(backbone(0xC817), cfg.seed, &device), CRITIC_IDS)
         });
         let per_step = cfg.rollout.prompts_per_step;

@@ -151,3 +151,24 @@ fn ppo_with_the_direct_prompt_raises_mean_reward() {
 /// The least rise of the direct prompt's mean reward (accuracy) over its 14 steps (measured on
 /// ndarray: 0.031 over the first 2 steps, 0.203 over the last 4).
 const DIRECT_GAIN: f64 = 0.12;
+
+/// `demo-assets` is deterministic: the task and tokenizer it writes for seed 0 are the committed
+/// `assets/demo` files byte for byte (drawn before any training, so no kernel's rounding enters).
+#[test]
+fn demo_assets_rewrite_the_committed_task_and_tokenizer() {
+    let out = tempfile::tempdir().unwrap();
+    med_rlvr::demo::write_task(out.path(), 0).unwrap();
+    let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    for f in ["train.jsonl", "test.jsonl", "model/tokenizer.json"] {
+        let (got, want) = (
+            std::fs::read(out.path().join(f)).unwrap(),
+            std::fs::read(assets.join(f)).unwrap(),
+        );
+        assert!(
+            got == want,
+            "{f}: {} bytes written, {} committed differ",
+            got.len(),
+            want.len()
+        );
+    }
+}

@@ -332,6 +332,21 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_data().iter::<f64>().next().unwrap()
 }
 
+/// A loss and its gradient with respect to `input` against a fixture entry (`loss`, `grad`).
+fn loss_and_grad(
+    what: &str,
+    l: Tensor<Autodiff<NdArray<f64>>, 1>,
+    input: &Tensor<Autodiff<NdArray<f64>>, 2>,
+    want: &Value,
+    grad: &str,
+    tol: f64,
+) {
+    let got = scalar(l.clone());
+    common::assert_close(what, &[got], &[want["loss"].as_f64().unwrap()], tol);
+    let g = to_grid::<NdArray<f64>>(input.grad(&l.backward()).unwrap());
+    assert_close(&g, &grid(&want[grad]), tol, what);
+}
+
 /// verl's `compute_policy_loss` with asymmetric clipping (`cliprange_low/high`) under both
 /// aggregations, its value loss and GRPO's k3 KL loss, losses, gradients and clip fractions.
 #[test]
@@ -392,28 +407,20 @@ fn asymmetric_clipping_and_both_aggregations_match_verl() {
                 Some(0.2),
                 agg,
             );
-            let what = format!("value loss {name}");
-            common::assert_close(
-                &what,
-                &[scalar(l.clone())],
-                &[want["loss"].as_f64().unwrap()],
+            loss_and_grad(
+                &format!("value loss {name}"),
+                l,
+                &values,
+                want,
+                "grad_values",
                 TOL,
             );
-            let g = to_grid::<NdArray<f64>>(values.grad(&l.backward()).unwrap());
-            assert_close(&g, &grid(&want["grad_values"]), TOL, &what);
 
             let want = &o[format!("verl_kl_loss_k3_{name}").as_str()];
             let logp = t2::<B>(&grid(&case["log_probs"]), &dev).require_grad();
             let l = loss::kl_loss(logp.clone(), reference.clone(), mask.clone(), agg);
             let what = format!("k3 KL loss {name}");
-            common::assert_close(
-                &what,
-                &[scalar(l.clone())],
-                &[want["loss"].as_f64().unwrap()],
-                TOL,
-            );
-            let g = to_grid::<NdArray<f64>>(logp.grad(&l.backward()).unwrap());
-            assert_close(&g, &grid(&want["grad_log_probs"]), TOL, &what);
+            loss_and_grad(&what, l, &logp, want, "grad_log_probs", TOL);
         }
     }
     assert_eq!(compared, 6 * 2 * 3);

@@ -1,5 +1,5 @@
 //! `reward.program` through the binary: the rewards the program returns are what `metrics.jsonl`
-//! logs (with its components); a program that dies, hangs or answers garbage stops the run with
+//! logs (with its components), and what `eval --reward-program` reports; a program that dies, hangs or answers garbage stops the run with
 //! exit status 1, a one-line error naming the command and the request, and a checkpoint from
 //! which the run resumes. Needs `python3` (installed by `.ci/run`).
 
@@ -178,5 +178,60 @@ fn a_program_that_hangs_or_answers_garbage_is_named() {
         &[],
         "answer line 1 (to step-0/prompt-0/sample-0) is not {\"reward\": number",
         0,
+    );
+}
+
+/// `eval --reward-program`: each generation's reward is the program's answer to it (request ids
+/// `eval/DATASET/ITEM/sample-K`), and the summary's mean reward is theirs; accuracy stays the
+/// verifier's.
+#[test]
+fn eval_takes_its_rewards_from_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, out) = (dir.path().join("answers.jsonl"), dir.path().join("eval"));
+    let o = Command::new(bin())
+        .args(["eval", "--limit", "6", "--n", "2", "--temperature", "1.0"])
+        .args(["--max-new-tokens", "24", "--out"])
+        .arg(&out)
+        .args(["--reward-program", "python3"])
+        .arg(example())
+        .arg("--log")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let answers: BTreeMap<String, f64> = jsonl(&log)
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().into(),
+                a["reward"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let gens = jsonl(&out.join("generations.jsonl"));
+    assert_eq!((gens.len(), answers.len()), (12, 12));
+    for g in &gens {
+        let id = format!(
+            "eval/{}/{}/sample-{}",
+            g["dataset"].as_str().unwrap(),
+            g["id"].as_str().unwrap(),
+            g["sample_index"]
+        );
+        let want = answers[&id];
+        let got = g["verdict"]["reward"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-6,
+            "{id}: reward {got}, program {want}"
+        );
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let mean = answers.values().sum::<f64>() / 12.0;
+    let logged = summary["datasets"][0]["overall"]["reward_mean"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (logged - mean).abs() < 1e-6,
+        "summary {logged}, program {mean}"
     );
 }

@@ -5,7 +5,7 @@ use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::Trainer;
-use crate::advantages::{self as adv, Estimator, Grid, KlEstimator};
+use crate::advantages::{self as adv, Grid, KlEstimator};
 use crate::experience::{pad_rows, Experience};
 
 /// What the advantage phase reports.
@@ -68,7 +68,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.kl_coef
         };
         let seq_rewards: Vec<f64> = exps.iter().map(|e| e.reward).collect();
-        let (advantages, returns, explained_var) = if self.cfg.ppo.estimator == Estimator::Gae {
+        let (advantages, returns, explained_var) = if self.cfg.ppo.estimator.uses_critic() {
             let values = pad_rows(
                 &exps
                     .iter()

@@ -72,22 +72,18 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .zip(&texts)
                 .zip(&rendered)
                 .map(|((s, text), p)| {
-                    let item = &self.train_items[prompts.items[s.prompt_index]];
-                    Request {
-                        id: format!(
-                            "step-{}/prompt-{}/sample-{}",
-                            self.step,
-                            prompts.first + s.prompt_index,
-                            s.sample_index
-                        ),
-                        prompt: p,
-                        reply: text,
-                        item_id: &item.id,
-                        question: &item.question,
-                        options: &item.options,
-                        answer: item.answer.to_string(),
-                        category: item.category.as_deref(),
-                    }
+                    let id = format!(
+                        "step-{}/prompt-{}/sample-{}",
+                        self.step,
+                        prompts.first + s.prompt_index,
+                        s.sample_index
+                    );
+                    Request::new(
+                        id,
+                        p,
+                        text,
+                        &self.train_items[prompts.items[s.prompt_index]],
+                    )
                 })
                 .collect();
             let answers = program

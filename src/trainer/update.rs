@@ -53,8 +53,8 @@ impl Gap {
             let d = u - r;
             let rho = d.exp();
             self.abs_sum += d.abs();
-            // Written so that a NaN difference shows as a NaN maximum.
-            if !(d.abs() <= self.abs_max) {
+            // A NaN difference shows as a NaN maximum (`f64::max` would drop it).
+            if d.is_nan() || d.abs() > self.abs_max {
                 self.abs_max = d.abs();
             }
             self.count += 1.0;
