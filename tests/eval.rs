@@ -1,9 +1,12 @@
-//! Bootstrap error bars against the binomial standard error, and an end-to-end `eval` of the demo
-//! model whose table recomputes from generations.jsonl.
+//! Bootstrap error bars against the binomial standard error; an end-to-end `eval` of the demo
+//! model whose table recomputes from generations.jsonl, `--category`, `--adapter`; `sft` (the
+//! answer loss falls, LoRA writes adapter and merged model, length-grouped batches).
 
 use std::process::Command;
 
 use med_rlvr::eval::bootstrap;
+use med_rlvr::sft::epoch_batches;
+use rand::{rngs::StdRng, SeedableRng};
 
 #[test]
 fn bootstrap_std_matches_binomial_standard_error() {
@@ -250,4 +253,123 @@ fn sft_command_with_lora_writes_adapter_and_merged_model() {
         losses[10..].iter().sum::<f64>(),
     );
     assert!(last < 0.7 * first, "LoRA SFT loss {first} -> {last}");
+
+    // `eval --adapter` on the base gives what `eval` of the merged model gives (greedy), and not
+    // what the base alone gives.
+    let eval = |model: &std::path::Path, adapter: Option<&std::path::Path>, name: &str| {
+        let dst = dir.path().join(name);
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_med-rlvr"));
+        c.arg("eval").arg("--model").arg(model);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        c.args([
+            "--prompt",
+            "direct",
+            "--limit",
+            "8",
+            "--max-new-tokens",
+            "4",
+            "--out",
+        ])
+        .arg(&dst);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(dst.join("generations.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["response"].clone())
+            .collect::<Vec<_>>()
+    };
+    let with_adapter = eval(&root.join("model"), Some(&out.join("final_adapter")), "a");
+    let merged = eval(&out.join("final"), None, "m");
+    let base = eval(&root.join("model"), None, "b");
+    assert_eq!(with_adapter.len(), 8);
+    assert_eq!(
+        with_adapter, merged,
+        "--adapter differs from the merged model"
+    );
+    assert_ne!(with_adapter, base, "the adapter changed no reply");
+}
+
+/// `eval --category` keeps the questions of that category only, and reports it.
+#[test]
+fn eval_category_keeps_that_category() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("two.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(root.join("test.jsonl"))
+        .unwrap()
+        .lines()
+        .take(10)
+        .enumerate()
+        .map(|(i, l)| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["category"] = serde_json::json!(if i % 3 == 0 { "thirds" } else { "rest" });
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("ev");
+    let o = Command::new(env!("CARGO_BIN_EXE_med-rlvr"))
+        .arg("eval")
+        .arg("--data")
+        .arg(&data)
+        .args(["--category", "thirds", "--max-new-tokens", "4", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gens: Vec<serde_json::Value> = std::fs::read_to_string(out.join("generations.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&str> = gens.iter().map(|g| g["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["test-0", "test-3", "test-6", "test-9"]);
+    assert!(gens.iter().all(|g| g["category"] == "thirds"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let ds = &summary["datasets"][0];
+    assert_eq!(ds["items"], 4);
+    let cats: Vec<&String> = ds["per_category"].as_object().unwrap().keys().collect();
+    assert_eq!(cats, ["thirds"]);
+}
+
+/// Padded tokens of one epoch (`sft --group-by-length`): each batch pads to its longest row.
+fn padded(lens: &[usize], batches: &[Vec<usize>]) -> usize {
+    batches
+        .iter()
+        .map(|b| b.iter().map(|&i| lens[i]).max().unwrap_or(0) * b.len())
+        .sum()
+}
+
+#[test]
+fn length_grouped_batches_cover_every_row_once_and_pad_less() {
+    // Mixed lengths like the demo's pretraining corpus: many short documents, some long chats.
+    let mut rng = StdRng::seed_from_u64(7);
+    let lens: Vec<usize> = (0..1000)
+        .map(|i| if i % 4 == 0 { 170 } else { 20 + i % 40 })
+        .collect();
+    for by_length in [false, true] {
+        let batches = epoch_batches(&lens, 32, by_length, &mut rng);
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1000).collect::<Vec<_>>(), "by_length={by_length}");
+        assert_eq!(batches.len(), 1000usize.div_ceil(32));
+    }
+    let plain = padded(&lens, &epoch_batches(&lens, 32, false, &mut rng));
+    let grouped = padded(&lens, &epoch_batches(&lens, 32, true, &mut rng));
+    let real: usize = lens.iter().sum();
+    eprintln!("padded tokens: plain {plain}, grouped {grouped}, real {real}");
+    assert!(
+        grouped * 2 < plain,
+        "grouping should at least halve the padded tokens: {grouped} vs {plain}"
+    );
+    // Same seed, same batches; another seed, another grouping and order.
+    let a = epoch_batches(&lens, 32, true, &mut StdRng::seed_from_u64(1));
+    let b = epoch_batches(&lens, 32, true, &mut StdRng::seed_from_u64(1));
+    let c = epoch_batches(&lens, 32, true, &mut StdRng::seed_from_u64(2));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
 }
