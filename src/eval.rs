@@ -125,9 +125,8 @@ pub fn program_rewards(
         })
         .collect();
     let answers = program.score(&requests)?;
-    for (g, a) in gens.iter_mut().zip(answers) {
-        g.verdict.reward = a.reward as f32;
-    }
+    drop(requests);
+    crate::reward::apply_answers(&answers, gens.iter_mut().map(|g| &mut g.verdict));
     Ok(())
 }
 

@@ -99,6 +99,23 @@ pub struct Answer {
     pub components: BTreeMap<String, f64>,
 }
 
+/// Puts a reward program's answers into the verifiers' verdicts, in order: the answer's reward
+/// replaces the verdict's (format, accuracy and stage stay the verifier's). Returns each named
+/// component's mean over the answers. `train` and `eval --reward-program` both apply answers so.
+pub fn apply_answers<'v>(
+    answers: &[Answer],
+    verdicts: impl IntoIterator<Item = &'v mut Verdict>,
+) -> BTreeMap<String, f64> {
+    let mut components = BTreeMap::new();
+    for (v, a) in verdicts.into_iter().zip(answers) {
+        v.reward = a.reward as f32;
+        for (k, c) in &a.components {
+            *components.entry(k.clone()).or_insert(0.0) += c / answers.len() as f64;
+        }
+    }
+    components
+}
+
 /// An external reward program (`reward.program`): started once, fed one JSON [`Request`] per
 /// line on stdin, answering one JSON [`Answer`] per line on stdout in the same order; its stderr
 /// goes to ours. A program that dies, hangs past the timeout, or answers something that is not

@@ -196,18 +196,25 @@ fn sft_lowers_the_answer_loss_and_raises_direct_accuracy() {
     assert!(acc1 >= acc0 + 0.15, "direct accuracy {acc0} -> {acc1}");
 }
 
+/// The first `n` lines of a file of the embedded demo task (`assets/demo/FILE`).
+fn demo_lines(file: &str, n: usize) -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets/demo")
+        .join(file);
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 fn sft_command_with_lora_writes_adapter_and_merged_model() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("train.jsonl");
-    let lines: Vec<String> = std::fs::read_to_string(root.join("train.jsonl"))
-        .unwrap()
-        .lines()
-        .take(64)
-        .map(String::from)
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
+    std::fs::write(&data, demo_lines("train.jsonl", 64).join("\n")).unwrap();
     let out = dir.path().join("sft");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_med-rlvr"))
         .args(["sft", "--model"])
@@ -295,13 +302,10 @@ fn sft_command_with_lora_writes_adapter_and_merged_model() {
 /// `eval --category` keeps the questions of that category only, and reports it.
 #[test]
 fn eval_category_keeps_that_category() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("two.jsonl");
-    let lines: Vec<String> = std::fs::read_to_string(root.join("test.jsonl"))
-        .unwrap()
-        .lines()
-        .take(10)
+    let lines: Vec<String> = demo_lines("test.jsonl", 10)
+        .iter()
         .enumerate()
         .map(|(i, l)| {
             let mut v: serde_json::Value = serde_json::from_str(l).unwrap();

@@ -17,6 +17,7 @@ use burn::backend::NdArray;
 use serde_json::Value;
 
 mod common;
+use common::floats;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -41,14 +42,6 @@ fn run(c: &mut Command) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8(o.stdout).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 /// Every tensor of the folder's safetensors files: name → (dtype, shape).

@@ -13,6 +13,7 @@ use med_rlvr::loss::{self, Aggregation};
 use serde_json::Value;
 
 mod common;
+use common::floats;
 
 fn fixture() -> Value {
     let p = concat!(
@@ -23,25 +24,7 @@ fn fixture() -> Value {
 }
 
 fn grid(v: &Value) -> Grid {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn vec1(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(floats).collect()
 }
 
 fn assert_close(got: &Grid, want: &Grid, tol: f64, what: &str) {
@@ -61,7 +44,7 @@ fn kl_rewards_gae_whitening_match_the_references() {
         let reference = grid(&case["ref_log_probs"]);
         // GAE runs at rollout time on the critic's values then: `old_values`.
         let values = grid(&case["old_values"]);
-        let r = vec1(&case["sequence_rewards"]);
+        let r = floats(&case["sequence_rewards"]);
         // OpenRLHF casts the log-probs to float32 before the KL (`.float()`), hence 1e-6.
         let k1 = adv::kl(&old, &reference, &mask, KlEstimator::K1);
         assert_close(&k1, &grid(&o["kl_k1"]), 1e-6, "kl_k1");
@@ -435,7 +418,7 @@ fn critic_free_estimators_match_verl_and_openrlhf() {
     for case in f["cases"].as_array().unwrap() {
         let o = &case["outputs"];
         let mask = grid(&case["action_mask"]);
-        let r = vec1(&case["sequence_rewards"]);
+        let r = floats(&case["sequence_rewards"]);
         let n = case["group_size"].as_u64().unwrap() as usize;
         let zero_kl: Grid = mask.iter().map(|m| vec![0.0; m.len()]).collect();
         let ours = |est, kl: &Grid, beta, gamma| {

@@ -46,14 +46,7 @@ fn device_greedy_matches_transformers_greedy<B: Backend>() {
         let (c, m) = load::<B>(name);
         let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
         let g: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let list = |k: &str| -> Vec<f64> {
-            g["greedy"][k]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        };
+        let list = |k: &str| common::floats(&g["greedy"][k]);
         let prompt: Vec<u32> = list("prompt_ids").iter().map(|&x| x as u32).collect();
         let want: Vec<u32> = list("output_ids").iter().map(|&x| x as u32).collect();
         let clear = list("margins").iter().take_while(|m| **m > 1e-2).count();

@@ -91,12 +91,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .map_err(|_| anyhow::anyhow!("the reward program's lock is poisoned"))?
                 .score(&requests)
                 .map_err(|e| RewardFailed(format!("{e:#}")))?;
-            for (v, a) in verdicts.iter_mut().zip(&answers) {
-                v.reward = a.reward as f32;
-                for (k, c) in &a.components {
-                    *components.entry(k.clone()).or_insert(0.0) += c / answers.len() as f64;
-                }
-            }
+            components = reward::apply_answers(&answers, verdicts.iter_mut());
         }
         let experiences = samples
             .iter()

@@ -36,6 +36,16 @@ macro_rules! per_backend {
     };
 }
 
+/// A JSON array of numbers (fixtures, command output) as `f64`s.
+#[allow(dead_code)]
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected an array of numbers, found {v}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
 /// Asserts `got` equals `want` element by element within `tol` (absolute), through the one
 /// comparison of the project ([`med_rlvr::compare::check_close`]): fails on NaN/Inf and on a
 /// length mismatch. Returns the largest absolute error.
