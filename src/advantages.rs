@@ -1,7 +1,8 @@
-//! Everything between rewards and the loss: KL estimators, KL-shaped token rewards, GAE, advantage
-//! whitening, and the critic-free estimators. Small pure functions on `[batch][response_len]` grids
-//! with a right-padded action mask (1 = response token), in f64; OpenRLHF v0.5.9 semantics
-//! (`tests/fixtures/openrlhf_v0.5.9_ppo_math.json` pins the numbers).
+//! The math between rewards and the loss: KL estimators, KL-shaped token rewards, GAE, return-to-go,
+//! batch moments and whitening. Small pure functions on `[batch][response_len]` grids with a
+//! right-padded action mask (1 = response token), in f64; OpenRLHF v0.5.9 semantics
+//! (`tests/fixtures/ppo_math_reference.json` pins the numbers). The advantage estimators that
+//! combine them are in `crate::estimator`.
 
 use serde::{Deserialize, Serialize};
 
@@ -125,126 +126,14 @@ pub fn masked_squared_deviation(x: &Grid, mask: &Grid, mean: f64) -> f64 {
     v
 }
 
-/// Whitening: `(A − mean) / √max(var, 1e-8)`, mean and population variance over the valid tokens
-/// of the batch (applied to every position, as OpenRLHF does; padding is masked in the loss).
-pub fn whiten(x: &Grid, mask: &Grid) -> Grid {
-    let (mean, var) = masked_moments(x, mask);
-    whiten_with(x, mean, var)
-}
-
-/// Whitening with given (e.g. globally all-reduced) moments.
-pub fn whiten_with(x: &Grid, mean: f64, var: f64) -> Grid {
+/// Whitening: `(A − mean) / √max(var, 1e-8)` with the batch's mean and population variance over
+/// valid tokens (from [`masked_moments`], or all-reduced over replicas), applied to every position
+/// as OpenRLHF does (padding is masked in the loss).
+pub fn whiten(x: &Grid, mean: f64, var: f64) -> Grid {
     let rstd = 1.0 / var.max(1e-8).sqrt();
     x.iter()
         .map(|row| row.iter().map(|a| (a - mean) * rstd).collect())
         .collect()
-}
-
-/// Advantage estimators.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Estimator {
-    /// PPO with a critic: GAE, then whitening.
-    Gae,
-    /// `(R_i − mean_g) / (std_g + 1e-9)`, unbiased std over the group.
-    Grpo,
-    /// `R_i − mean_g` (no std).
-    DrGrpo,
-    /// `R_i − mean of the other samples of the prompt`.
-    Rloo,
-    /// Return-to-go of the KL-shaped rewards, whitened over the batch.
-    ReinforcePp,
-    /// `R_i − mean_g`, then return-to-go, whitened over the batch.
-    ReinforcePpBaseline,
-}
-
-impl Estimator {
-    /// Whether it trains a critic (GAE only).
-    pub fn uses_critic(self) -> bool {
-        self == Estimator::Gae
-    }
-
-    /// Whether its baseline is computed over a group of samples of one prompt, so it needs
-    /// `rollout.n ≥ 2` (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline).
-    pub fn needs_groups(self) -> bool {
-        matches!(
-            self,
-            Estimator::Grpo | Estimator::DrGrpo | Estimator::Rloo | Estimator::ReinforcePpBaseline
-        )
-    }
-
-    /// Whether the advantages are whitened over the whole batch (GAE and the REINFORCE++ pair).
-    pub fn whitens(self) -> bool {
-        matches!(
-            self,
-            Estimator::Gae | Estimator::ReinforcePp | Estimator::ReinforcePpBaseline
-        )
-    }
-}
-
-/// The sequence-reward shaping of a critic-free estimator, on groups of `n` consecutive samples of
-/// one prompt:
-/// - `grpo`: `(R_i − μ)/(σ + 1e-9)`, σ the unbiased std of the group;
-/// - `dr_grpo`, `reinforce_pp_baseline`: `R_i − μ`;
-/// - `rloo`: `R_i − (Σ_j R_j − R_i)/(n − 1)`;
-/// - `reinforce_pp`, `gae`: `R_i` unchanged.
-pub fn shape_sequence_rewards(rewards: &[f64], n: usize, est: Estimator) -> Vec<f64> {
-    let n = n.max(1);
-    let mut out = Vec::with_capacity(rewards.len());
-    for g in rewards.chunks(n) {
-        let k = g.len() as f64;
-        let mean = g.iter().sum::<f64>() / k;
-        let std = if g.len() > 1 {
-            (g.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt()
-        } else {
-            0.0
-        };
-        for &r in g {
-            out.push(match est {
-                Estimator::Grpo => (r - mean) / (std + 1e-9),
-                Estimator::DrGrpo | Estimator::ReinforcePpBaseline => r - mean,
-                Estimator::Rloo if g.len() > 1 => r - (g.iter().sum::<f64>() - r) / (k - 1.0),
-                Estimator::Rloo | Estimator::ReinforcePp | Estimator::Gae => r,
-            });
-        }
-    }
-    out
-}
-
-/// Critic-free advantages: shape the sequence rewards, add the KL-shaped token rewards
-/// (`−β·kl_t`, β = 0 when the KL is a loss term instead), take the return-to-go with γ, and whiten
-/// for `reinforce_pp` and `reinforce_pp_baseline`.
-pub fn critic_free_advantages(
-    seq_rewards: &[f64],
-    n: usize,
-    kl: &Grid,
-    mask: &Grid,
-    beta: f64,
-    gamma: f64,
-    est: Estimator,
-) -> Grid {
-    let g = critic_free_returns(seq_rewards, n, kl, mask, beta, gamma, est);
-    if est.whitens() {
-        whiten(&g, mask)
-    } else {
-        g
-    }
-}
-
-/// [`critic_free_advantages`] before the batch whitening (the data-parallel trainer whitens
-/// with statistics over every device's rows).
-pub fn critic_free_returns(
-    seq_rewards: &[f64],
-    n: usize,
-    kl: &Grid,
-    mask: &Grid,
-    beta: f64,
-    gamma: f64,
-    est: Estimator,
-) -> Grid {
-    let shaped = shape_sequence_rewards(seq_rewards, n, est);
-    let rewards = token_rewards(&shaped, kl, mask, beta);
-    returns_to_go(&rewards, mask, gamma)
 }
 
 /// `G − V`, element-wise.

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::advantages::{Estimator, KlEstimator};
+use crate::advantages::KlEstimator;
+use crate::estimator::Estimator;
 use crate::loss::Aggregation;
 use crate::prompt::PromptStyle;
 use crate::task::DataFormat;
@@ -73,7 +74,7 @@ impl Default for LoraConfig {
         Self {
             rank: 0,
             alpha: 16.0,
-            targets: qwen2_burn::lora::ALL_TARGETS.map(String::from).to_vec(),
+            targets: qwen2_burn::PROJECTIONS.map(String::from).to_vec(),
         }
     }
 }
@@ -286,7 +287,7 @@ impl Default for RolloutConfig {
 impl Default for PpoConfig {
     fn default() -> Self {
         Self {
-            estimator: Estimator::Gae,
+            estimator: Estimator::default(),
             ppo_epochs: 1,
             train_batch: 128,
             micro_batch: 8,
@@ -537,7 +538,7 @@ impl TrainConfig {
                     .into(),
             ));
         }
-        if p.estimator.needs_groups() && r.n < 2 {
+        if p.estimator.needs_groups && r.n < 2 {
             v.push(Problem::new(
                 &["rollout.n", "ppo.estimator"],
                 format!(

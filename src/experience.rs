@@ -12,10 +12,10 @@ use qwen2_burn::Qwen2;
 use crate::advantages::Grid;
 use crate::critic::Critic;
 
-/// One rollout sample with everything PPO needs, ragged (length = its response length).
+/// A scored sample with the numbers its update is measured against (what the trainer's
+/// `reference_values` phase produces), ragged: every vector has the response's length.
 #[derive(Debug, Clone)]
-pub struct Experience {
-    pub prompt_index: usize,
+pub struct Evaluated {
     pub prompt: Vec<u32>,
     pub response: Vec<u32>,
     /// `log π_rollout`: the sampler's log-probs of the response.
@@ -25,9 +25,19 @@ pub struct Experience {
     pub old_logp: Vec<f64>,
     /// Truncated importance weights `min(π_old / π_rollout, cap)` (empty when off).
     pub is_weights: Vec<f64>,
+    /// `log π_ref`.
     pub ref_logp: Vec<f64>,
+    /// The critic's values `V_t` (empty without a critic).
     pub old_values: Vec<f64>,
+    /// The sequence reward.
     pub reward: f64,
+}
+
+/// An evaluated sample with its advantages and returns (what the `advantages` phase produces):
+/// everything PPO trains on.
+#[derive(Debug, Clone)]
+pub struct Experience {
+    pub sample: Evaluated,
     pub advantages: Vec<f64>,
     pub returns: Vec<f64>,
 }

@@ -1,8 +1,6 @@
 //! med-rlvr: reinforcement learning from verifiable rewards for medical multiple-choice QA, on a
 //! Qwen2 model written in Burn (the `qwen2-burn` crate in `model/`).
 
-pub mod bench;
-pub mod cli;
 pub mod next_token;
 pub mod sampler;
 pub mod tokenizer;
@@ -13,7 +11,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod critic;
-pub mod demo;
+pub mod estimator;
 pub mod eval;
 pub mod exit;
 pub mod experience;

@@ -2,7 +2,9 @@
 //! ndarray) and runs the command line.
 
 use clap::Parser;
-use med_rlvr::cli::{self, Cli};
+mod app;
+
+use app::cli::{self, Cli};
 
 #[cfg(feature = "cuda")]
 type Inner = burn::backend::Cuda;

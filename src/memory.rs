@@ -106,7 +106,7 @@ impl PlanInputs {
         Self {
             model: model.clone(),
             lora: cfg.lora.spec(),
-            critic: cfg.ppo.estimator.uses_critic(),
+            critic: cfg.ppo.estimator.uses_critic,
             rollout_rows: match cfg.rollout.generate_batch {
                 0 => prompts,
                 g => g.min(prompts),

@@ -67,7 +67,7 @@ pub struct Request<'a> {
     pub reply: &'a str,
     pub item_id: &'a str,
     pub question: &'a str,
-    pub options: &'a [String],
+    pub options: std::borrow::Cow<'a, [String]>,
     /// The gold letter.
     pub answer: String,
     pub category: Option<&'a str>,
@@ -82,7 +82,7 @@ impl<'a> Request<'a> {
             reply,
             item_id: &item.id,
             question: &item.question,
-            options: &item.options,
+            options: std::borrow::Cow::Borrowed(&item.options),
             answer: item.answer.to_string(),
             category: item.category.as_deref(),
         }

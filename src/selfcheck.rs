@@ -201,7 +201,7 @@ pub fn model<B: AutodiffBackend>(case: &Case, device: &B::Device) -> Qwen2<B> {
     let spec = LoraSpec {
         rank: 4,
         alpha: 8.0,
-        targets: crate::model::lora::ALL_TARGETS
+        targets: crate::model::PROJECTIONS
             .iter()
             .map(|s| s.to_string())
             .collect(),

@@ -1,8 +1,9 @@
 //! The PPO trainer (and the critic-free family). One `step` is a pipeline of phases, each in its
-//! own file under `trainer/`: rollout through the sampler (`rollout.rs`) → verifier rewards
-//! (`score.rs`) → reference log-probs and critic values (`reference_values.rs`) → KL-shaped rewards
-//! and advantages (`advantages.rs`) → `ppo_epochs` passes of clipped policy / value updates
-//! (`update.rs`) → metrics (`metrics.rs`). The math lives in `crate::advantages` and `crate::loss`;
+//! own file under `trainer/` and each producing the type the next one reads: `rollout` (the
+//! sampler's [`rollout::Rollout`]) → `score` (rewards: [`score::Scored`]) → `reference_values`
+//! (reference log-probs and critic values: [`crate::experience::Evaluated`]) → `advantages`
+//! (KL-shaped rewards and the estimator: [`crate::experience::Experience`]) → `update`
+//! (`ppo_epochs` passes of clipped policy / value updates) → `finish_step` (`metrics.rs`). The math lives in `crate::advantages` and `crate::loss`;
 //! data parallelism stays behind `World` calls inside the phases. This file holds the trainer's
 //! state and the step; `checkpointing.rs` its checkpoints, `run.rs` the run around the steps,
 //! `faults.rs` the faults the tests plan.
@@ -193,7 +194,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             None => base.clone(),
         };
         let actor = stable_param_ids(backbone(0), ACTOR_IDS);
-        let critic = cfg.ppo.estimator.uses_critic().then(|| {
+        let critic = cfg.ppo.estimator.uses_critic.then(|| {
             stable_param_ids(Critic::new(backbone(0xC817), cfg.seed, &device), CRITIC_IDS)
         });
         let per_step = cfg.rollout.prompts_per_step;
@@ -327,9 +328,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         // then resumes with this very step.
         let (cursor, epoch) = (self.cursor, self.epoch);
         let prompts = self.draw_prompts();
-        let samples = self.rollout(&prompts);
+        let rollout = self.rollout(prompts);
         clock.mark("generate");
-        let scored = match self.score(&prompts, &samples) {
+        let scored = match self.score(rollout) {
             Ok(s) => s,
             Err(e) => {
                 if self.epoch != epoch {
@@ -340,29 +341,19 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(e);
             }
         };
-        let mut exps = scored.experiences;
         clock.mark("reward");
-        self.reference_and_values(&mut exps);
+        let mut evaluated = self.reference_values(&scored);
         if self.faults.hits(self.step, self.world.rank, Fault::Rollout) {
-            if let Some(x) = exps.first_mut().and_then(|e| e.old_logp.first_mut()) {
+            if let Some(x) = evaluated.first_mut().and_then(|e| e.old_logp.first_mut()) {
                 *x = f64::NAN;
             }
         }
         clock.mark("reference_values");
-        let mut adv = self.advantages(&mut exps)?;
+        let (experiences, mut adv) = self.advantages(evaluated)?;
         clock.mark("advantages");
-        let upd = self.update(&exps, adv.fault.take())?;
+        let upd = self.update(&experiences, adv.fault.take())?;
         clock.mark("update");
-        self.finish_step(
-            &prompts,
-            &samples,
-            scored.verdicts,
-            scored.texts,
-            scored.components,
-            adv,
-            upd,
-            clock,
-        )
+        self.finish_step(scored, adv, upd, clock)
     }
 
     /// Adaptive KL controller (Ziegler et al. 2019):

@@ -157,7 +157,12 @@ const DIRECT_GAIN: f64 = 0.12;
 #[test]
 fn demo_assets_rewrite_the_committed_task_and_tokenizer() {
     let out = tempfile::tempdir().unwrap();
-    med_rlvr::demo::write_task(out.path(), 0).unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_med-rlvr"))
+        .args(["demo-assets", "--task-only", "--seed", "0", "--out"])
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "demo-assets --task-only: {status}");
     let assets = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     for f in ["train.jsonl", "test.jsonl", "model/tokenizer.json"] {
         let (got, want) = (

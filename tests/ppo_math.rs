@@ -8,7 +8,8 @@
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use med_rlvr::advantages::{self as adv, Estimator, Grid, KlEstimator};
+use med_rlvr::advantages::{self as adv, Grid, KlEstimator};
+use med_rlvr::estimator::{self, Estimator, Inputs, ESTIMATORS};
 use med_rlvr::loss::{self, Aggregation};
 use serde_json::Value;
 
@@ -76,8 +77,25 @@ fn kl_rewards_gae_whitening_match_the_references() {
             assert_close(&a, &grid(&o[key.as_str()]["advantages"]), 1e-12, &key);
             assert_close(&ret, &grid(&o[key.as_str()]["returns"]), 1e-12, &key);
         }
-        let (a, _) = adv::gae(&rewards, &values, &mask, 1.0, 1.0);
-        let w = adv::whiten(&a, &mask);
+        // The trainer's path: the `gae` estimator on sequence rewards and k1 KL with β = 0.01.
+        let kl = grid(&o["kl_k1"]);
+        let est = estimator::estimate_local(
+            est("gae"),
+            &Inputs {
+                rewards: &r,
+                group_size: 1,
+                kl: &kl,
+                beta: 0.01,
+                mask: &mask,
+                values: Some(&values),
+                gamma: 1.0,
+                lambda: 1.0,
+            },
+        )
+        .unwrap();
+        let key = "gae_gamma1.0_lambda1.0";
+        assert_close(&est.returns, &grid(&o[key]["returns"]), 1e-12, key);
+        let w = est.advantages;
         // OpenRLHF's normalize takes the mean and std in float32 (`.float()`), hence 1e-6.
         // Compare valid tokens (padding positions are masked out of every loss).
         assert_close(
@@ -87,6 +105,11 @@ fn kl_rewards_gae_whitening_match_the_references() {
             "whitened",
         );
     }
+}
+
+/// The estimator `name` of the table.
+fn est(name: &str) -> Estimator {
+    Estimator::by_name(name).unwrap()
 }
 
 /// `g` with padding positions zeroed.
@@ -195,7 +218,7 @@ fn token_mean_aggregation_weights_every_token_equally() {
 fn critic_free_estimators_by_hand() {
     // Two prompts, n = 3 samples each.
     let r = [1.0, 0.0, 0.0, 1.0, 1.0, -1.0];
-    let g = |est| adv::shape_sequence_rewards(&r, 3, est);
+    let g = |name| estimator::shape_sequence_rewards(&r, 3, est(name));
     // Group 1: mean 1/3, unbiased std √(1/3); group 2: mean 1/3, unbiased std √(4/3).
     let s1 = (1.0f64 / 3.0).sqrt();
     let s2 = (4.0f64 / 3.0).sqrt();
@@ -207,13 +230,13 @@ fn critic_free_estimators_by_hand() {
         2.0 / 3.0 / s2,
         -4.0 / 3.0 / s2,
     ];
-    common::assert_close("grpo", &g(Estimator::Grpo), &want_grpo, 1e-8);
+    common::assert_close("grpo", &g("grpo"), &want_grpo, 1e-8);
     let close = |a: Vec<f64>, b: &[f64]| {
         common::assert_close("critic-free advantages", &a, b, 1e-12);
         true
     };
     assert!(close(
-        g(Estimator::DrGrpo),
+        g("dr_grpo"),
         &[
             2.0 / 3.0,
             -1.0 / 3.0,
@@ -224,19 +247,26 @@ fn critic_free_estimators_by_hand() {
         ]
     ));
     // RLOO: R_i − mean of the other two.
-    assert!(close(
-        g(Estimator::Rloo),
-        &[1.0, -0.5, -0.5, 1.0, 1.0, -2.0]
-    ));
-    assert!(close(g(Estimator::ReinforcePp), &r));
-    assert!(close(
-        g(Estimator::ReinforcePpBaseline),
-        &g(Estimator::DrGrpo)
-    ));
+    assert!(close(g("rloo"), &[1.0, -0.5, -0.5, 1.0, 1.0, -2.0]));
+    assert!(close(g("reinforce_pp"), &r));
+    assert!(close(g("reinforce_pp_baseline"), &g("dr_grpo")));
     // Return-to-go over KL-shaped token rewards, γ = 1: advantage at t = R − β·Σ_{s≥t} kl_s.
     let mask = vec![vec![1.0, 1.0, 1.0], vec![1.0, 1.0, 0.0]];
     let kl = vec![vec![0.1, 0.2, 0.3], vec![0.5, -0.5, 0.0]];
-    let a = adv::critic_free_advantages(&[1.0, 0.0], 2, &kl, &mask, 0.1, 1.0, Estimator::DrGrpo);
+    let critic_free = |name| {
+        let x = Inputs {
+            rewards: &[1.0, 0.0],
+            group_size: 2,
+            kl: &kl,
+            beta: 0.1,
+            mask: &mask,
+            values: None,
+            gamma: 1.0,
+            lambda: 1.0,
+        };
+        estimator::estimate_local(est(name), &x).unwrap().advantages
+    };
+    let a = critic_free("dr_grpo");
     let want = [
         [0.5 - 0.06, 0.5 - 0.05, 0.5 - 0.03],
         [-0.5 - 0.0, -0.5 + 0.05, 0.0],
@@ -246,8 +276,7 @@ fn critic_free_estimators_by_hand() {
         common::assert_close("return-to-go advantages", row, &w, 1e-12);
     }
     // reinforce_pp whitens: valid tokens have mean 0 and unit population variance.
-    let w =
-        adv::critic_free_advantages(&[1.0, 0.0], 2, &kl, &mask, 0.1, 1.0, Estimator::ReinforcePp);
+    let w = critic_free("reinforce_pp");
     let (m, v) = adv::masked_moments(&w, &mask);
     assert!(m.abs() < 1e-12 && (v - 1.0).abs() < 1e-9);
 }
@@ -421,16 +450,26 @@ fn critic_free_estimators_match_verl_and_openrlhf() {
         let r = floats(&case["sequence_rewards"]);
         let n = case["group_size"].as_u64().unwrap() as usize;
         let zero_kl: Grid = mask.iter().map(|m| vec![0.0; m.len()]).collect();
-        let ours = |est, kl: &Grid, beta, gamma| {
+        let ours = |name, kl: &Grid, beta, gamma| {
+            let x = Inputs {
+                rewards: &r,
+                group_size: n,
+                kl,
+                beta,
+                mask: &mask,
+                values: None,
+                gamma,
+                lambda: 1.0,
+            };
             masked(
-                &adv::critic_free_advantages(&r, n, kl, &mask, beta, gamma, est),
+                &estimator::estimate_local(est(name), &x).unwrap().advantages,
                 &mask,
             )
         };
         for (est, key) in [
-            (Estimator::Grpo, "verl_grpo_eps1e-9"),
-            (Estimator::DrGrpo, "verl_grpo_no_std"),
-            (Estimator::Rloo, "verl_rloo"),
+            ("grpo", "verl_grpo_eps1e-9"),
+            ("dr_grpo", "verl_grpo_no_std"),
+            ("rloo", "verl_rloo"),
         ] {
             assert_close(&ours(est, &zero_kl, 0.0, 1.0), &grid(&o[key]), 1e-12, key);
         }
@@ -447,14 +486,45 @@ fn critic_free_estimators_match_verl_and_openrlhf() {
             .iter()
             .map(|row| row.iter().map(|x| x * scale).collect())
             .collect();
-        let got = ours(Estimator::ReinforcePpBaseline, &zero_kl, 0.0, 1.0);
+        let got = ours("reinforce_pp_baseline", &zero_kl, 0.0, 1.0);
         assert_close(&got, &masked(&want, &mask), 1e-8, "reinforce_pp_baseline");
         // OpenRLHF whitens in float32 (`.float()`), hence 1e-6.
         let kl = grid(&o["kl_k1"]);
         for gamma in [1.0, 0.99] {
             let key = format!("reinforce_pp_beta0.05_gamma{gamma:?}");
-            let got = ours(Estimator::ReinforcePp, &kl, 0.05, gamma);
+            let got = ours("reinforce_pp", &kl, 0.05, gamma);
             assert_close(&got, &masked(&grid(&o[key.as_str()]), &mask), 1e-6, &key);
         }
     }
+}
+
+/// The estimator table: every name the README lists, each found by its name and written back as
+/// it (a saved `config.toml`), an unknown name refused with the list.
+#[test]
+fn estimators_are_looked_up_by_name() {
+    let names: Vec<&str> = ESTIMATORS.iter().map(|e| e.name).collect();
+    assert_eq!(
+        names,
+        [
+            "gae",
+            "grpo",
+            "dr_grpo",
+            "rloo",
+            "reinforce_pp",
+            "reinforce_pp_baseline"
+        ]
+    );
+    for e in ESTIMATORS {
+        assert_eq!(est(e.name), *e);
+        let json = serde_json::to_string(e).unwrap();
+        assert_eq!(json, format!("{:?}", e.name));
+        assert_eq!(serde_json::from_str::<Estimator>(&json).unwrap(), *e);
+        assert_eq!(e.uses_critic, e.name == "gae", "{}", e.name);
+    }
+    assert_eq!(Estimator::default(), est("gae"));
+    let err = Estimator::by_name("ppo").unwrap_err();
+    assert!(
+        err.contains("\"ppo\"") && err.contains("gae, grpo, dr_grpo, rloo"),
+        "{err}"
+    );
 }

@@ -235,3 +235,60 @@ fn eval_takes_its_rewards_from_the_program() {
         "summary {logged}, program {mean}"
     );
 }
+
+/// `score --reward-program`: each line's reward is the program's answer to it (ids, prompts,
+/// questions and options from the line, `line-N` without an id); format and accuracy stay the
+/// verifier's.
+#[test]
+fn score_takes_its_rewards_from_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, log, out) = (
+        dir.path().join("replies.jsonl"),
+        dir.path().join("answers.jsonl"),
+        dir.path().join("scored.jsonl"),
+    );
+    let long = "word ".repeat(80);
+    let lines = [
+        serde_json::json!({"id": "q1", "response": "<think>x</think><answer>B</answer>", "answer": "B", "num_options": 4, "question": "Q?", "options": ["a", "b", "c", "d"], "prompt": "P"}),
+        serde_json::json!({"response": format!("<think>{long}</think><answer>C</answer>"), "answer": "B", "num_options": 4}),
+        serde_json::json!({"response": "B", "answer": "B"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&input, text).unwrap();
+    let o = Command::new(bin())
+        .args(["score", "--input"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&out)
+        .args(["--reward-program", "python3"])
+        .arg(example())
+        .arg("--log")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let answers = jsonl(&log);
+    let ids: Vec<&str> = answers.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["q1", "line-2", "line-3"]);
+    let scored = jsonl(&out);
+    assert_eq!(scored.len(), 3);
+    // The example: +1 right, 0 wrong, −1 unformatted, minus 0.001 per word beyond 50.
+    let want = [1.0, -0.001 * (81.0 - 50.0), -1.0];
+    for ((s, a), w) in scored.iter().zip(&answers).zip(want) {
+        let (got, program) = (s["reward"].as_f64().unwrap(), a["reward"].as_f64().unwrap());
+        assert!(
+            (got - program).abs() < 1e-6 && (got - w).abs() < 1e-6,
+            "{s}: {got} vs {program}, {w}"
+        );
+    }
+    // Format and accuracy are still the verifier's.
+    let flags: Vec<(bool, bool)> = (scored.iter())
+        .map(|s| {
+            (
+                s["format_ok"].as_bool().unwrap(),
+                s["correct"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(flags, [(true, true), (true, false), (false, false)]);
+}

@@ -10,30 +10,19 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, DType, FloatDType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::linear::{to_dtype, Linear, Lora};
-use crate::model::Qwen2;
-
-/// The seven projection layers of a Qwen2 block, by their Hugging Face names.
-pub const ALL_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use crate::linear::{to_dtype, Lora};
+use crate::model::{Qwen2, PROJECTIONS};
 
 /// Rank, scale and targets of the adapters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
-    /// Layer names among [`ALL_TARGETS`].
+    /// Layer names among [`PROJECTIONS`].
     pub targets: Vec<String>,
 }
 
@@ -50,10 +39,10 @@ impl LoraSpec {
             return Err("lora.targets is empty".into());
         }
         for t in &self.targets {
-            if !ALL_TARGETS.contains(&t.as_str()) {
+            if !PROJECTIONS.contains(&t.as_str()) {
                 return Err(format!(
                     "lora.targets: unknown layer `{t}` (known: {})",
-                    ALL_TARGETS.join(", ")
+                    PROJECTIONS.join(", ")
                 ));
             }
         }
@@ -70,33 +59,6 @@ fn uniform_pm1(state: &mut u64) -> f32 {
     ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
-/// The target layers of a model, with their PEFT names (`model.layers.3.mlp.up_proj`).
-fn targets_mut<'a, B: Backend>(
-    model: &'a mut Qwen2<B>,
-    targets: &[String],
-) -> Vec<(String, &'a mut Linear<B>)> {
-    let want = |n: &str| targets.iter().any(|t| t == n);
-    let mut out = Vec::new();
-    for (i, l) in model.layers.iter_mut().enumerate() {
-        let a = &mut l.self_attn;
-        let m = &mut l.mlp;
-        for (n, lin) in [
-            ("self_attn.q_proj", &mut a.q_proj),
-            ("self_attn.k_proj", &mut a.k_proj),
-            ("self_attn.v_proj", &mut a.v_proj),
-            ("self_attn.o_proj", &mut a.o_proj),
-            ("mlp.gate_proj", &mut m.gate_proj),
-            ("mlp.up_proj", &mut m.up_proj),
-            ("mlp.down_proj", &mut m.down_proj),
-        ] {
-            if want(n.rsplit('.').next().unwrap_or(n)) {
-                out.push((format!("model.layers.{i}.{n}"), lin));
-            }
-        }
-    }
-    out
-}
-
 fn peft_names(layer: &str) -> (String, String) {
     (
         format!("base_model.model.{layer}.lora_A.weight"),
@@ -109,7 +71,7 @@ impl<B: Backend> Qwen2<B> {
     pub fn with_lora(self, spec: &LoraSpec, seed: u64, device: &B::Device) -> Self {
         let mut model = self.no_grad();
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for (_, lin) in targets_mut(&mut model, &spec.targets) {
+        for (_, lin) in model.projections_mut(&spec.targets) {
             let [d_in, d_out] = lin.weight.dims();
             let bound = 1.0 / (d_in as f32).sqrt();
             let a: Vec<f32> = (0..d_in * spec.rank)
@@ -127,44 +89,17 @@ impl<B: Backend> Qwen2<B> {
         model
     }
 
-    /// Freezes the model and stores its large frozen weights — the embedding, every projection
-    /// and its bias, the output head — in `dtype` (bf16 halves the base's memory); the norms
-    /// stay in their dtype, and so do the activations: each projection multiplies in `dtype`
-    /// and returns to the activation dtype (see [`crate::linear::mixed_matmul`]). Adapters added
-    /// afterwards by [`Qwen2::with_lora`] are f32.
-    pub fn with_base_dtype(self, dtype: FloatDType) -> Self {
-        fn cast<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, dtype: FloatDType) {
-            let t = p.val();
-            if t.dtype() != DType::from(dtype) {
-                *p = Param::initialized(p.id, t.cast(dtype));
-            }
-        }
-        let mut model = self.no_grad();
-        cast(&mut model.embed_tokens, dtype);
-        let mut head = model.lm_head.take();
-        let mut lins = targets_mut(&mut model, &ALL_TARGETS.map(String::from));
-        lins.extend(head.as_mut().map(|h| ("lm_head".to_string(), h)));
-        for (_, lin) in lins {
-            cast(&mut lin.weight, dtype);
-            if let Some(b) = &mut lin.bias {
-                cast(b, dtype);
-            }
-        }
-        model.lm_head = head;
-        model
-    }
-
     /// Whether any layer carries an adapter.
     pub fn has_lora(&self) -> bool {
         let mut m = self.clone();
-        !targets_mut(&mut m, &ALL_TARGETS.map(String::from))
+        !m.projections_mut(&PROJECTIONS)
             .into_iter()
             .all(|(_, l)| l.lora.is_none())
     }
 
     /// The base model: adapters removed (weights shared, not copied).
     pub fn without_lora(mut self) -> Self {
-        for (_, lin) in targets_mut(&mut self, &ALL_TARGETS.map(String::from)) {
+        for (_, lin) in self.projections_mut(&PROJECTIONS) {
             lin.lora = None;
         }
         self
@@ -172,7 +107,7 @@ impl<B: Backend> Qwen2<B> {
 
     /// Folds every adapter into its layer: `W ← W + s·A·B`.
     pub fn merge_lora(mut self) -> Self {
-        for (_, lin) in targets_mut(&mut self, &ALL_TARGETS.map(String::from)) {
+        for (_, lin) in self.projections_mut(&PROJECTIONS) {
             if let Some(l) = lin.lora.take() {
                 let delta = l.a.val().matmul(l.b.val()).mul_scalar(l.scale);
                 // In the adapters' dtype (f32), also over a bf16 base.
@@ -187,7 +122,7 @@ impl<B: Backend> Qwen2<B> {
     pub fn lora_tensors(&self) -> Vec<(String, TensorData)> {
         let mut m = self.clone();
         let mut out = Vec::new();
-        for (name, lin) in targets_mut(&mut m, &ALL_TARGETS.map(String::from)) {
+        for (name, lin) in m.projections_mut(&PROJECTIONS) {
             if let Some(l) = &lin.lora {
                 let (an, bn) = peft_names(&name);
                 out.push((an, l.a.val().transpose().into_data()));
@@ -207,7 +142,7 @@ impl<B: Backend> Qwen2<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let mut model = self.no_grad();
-        for (name, lin) in targets_mut(&mut model, &spec.targets) {
+        for (name, lin) in model.projections_mut(&spec.targets) {
             let [d_in, d_out] = lin.weight.dims();
             let (an, bn) = peft_names(&name);
             let mut take = |n: &str, shape: [usize; 2]| -> Result<Tensor<B, 2>> {

@@ -110,6 +110,17 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
+/// The seven projection layers of a Qwen2 block, by their Hugging Face names.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// The whole causal language model.
 #[derive(Module, Debug)]
 pub struct Qwen2<B: Backend> {
@@ -385,6 +396,30 @@ impl<B: Backend> Qwen2<B> {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Every block's projections named in `names` (among [`PROJECTIONS`]), with their full
+    /// Hugging Face names (`model.layers.3.mlp.up_proj`), in layer order.
+    pub fn projections_mut<S: AsRef<str>>(&mut self, names: &[S]) -> Vec<(String, &mut Linear<B>)> {
+        let want = |n: &str| names.iter().any(|t| t.as_ref() == n);
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            for (n, lin) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.o_proj", &mut a.o_proj),
+                ("mlp.gate_proj", &mut m.gate_proj),
+                ("mlp.up_proj", &mut m.up_proj),
+                ("mlp.down_proj", &mut m.down_proj),
+            ] {
+                if want(n.rsplit('.').next().unwrap_or(n)) {
+                    out.push((format!("model.layers.{i}.{n}"), lin));
+                }
+            }
+        }
+        out
     }
 }
 

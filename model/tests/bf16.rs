@@ -8,7 +8,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData};
-use qwen2_burn::lora::ALL_TARGETS;
+use qwen2_burn::PROJECTIONS;
 use qwen2_burn::{load_qwen2, LoraSpec, Qwen2};
 
 mod common;
@@ -139,7 +139,7 @@ fn adapters_on_a_bf16_base_get_close_gradients_and_merge_to_f32() {
     let spec = LoraSpec {
         rank: 4,
         alpha: 8.0,
-        targets: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
+        targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
     };
     let (_, base) = load_qwen2::<B>(&fixture("tied-f16-gqa"), &dev).unwrap();
     let run = |m: &Qwen2<B>| {

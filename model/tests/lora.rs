@@ -8,7 +8,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use qwen2_burn::lora::ALL_TARGETS;
+use qwen2_burn::PROJECTIONS;
 use qwen2_burn::{load_lora, load_qwen2, save_lora, LoraSpec, ModelError, Qwen2};
 
 mod common;
@@ -85,7 +85,7 @@ fn starts_as_the_base_and_merges_exactly() {
     let dev = Default::default();
     let (_, base) = load_qwen2::<B>(&fixture(), &dev).unwrap();
     let base_logits = logits(&base);
-    let adapted = base.clone().with_lora(&spec(&ALL_TARGETS), 1, &dev);
+    let adapted = base.clone().with_lora(&spec(&PROJECTIONS), 1, &dev);
     assert!(adapted.has_lora() && !base.has_lora());
     assert_eq!(
         logits(&adapted),

@@ -1,16 +1,18 @@
 //! Closing a PPO step: the KL controller and fault streak, and the step's metrics as sums over
 //! every replica's samples.
 
+use std::collections::BTreeMap;
+
 use anyhow::Result;
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::Serialize;
 
 use super::advantages::AdvantageStats;
-use super::rollout::StepPrompts;
+use super::score::Scored;
 use super::update::UpdateStats;
 use super::{PhaseClock, Trainer};
-use crate::sampler::Sample;
-use crate::verifier::{Stage, Summary, Verdict};
+use crate::parallel::World;
+use crate::verifier::{Stage, Summary};
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -57,23 +59,42 @@ pub struct StepMetrics {
     pub skipped: Option<String>,
 }
 
+/// Sums over this replica's samples by name, added up over every replica in one all-reduce
+/// (every replica adds the same names).
+#[derive(Default)]
+struct Totals(BTreeMap<String, f64>);
+
+impl Totals {
+    fn add(&mut self, name: &str, x: f64) {
+        *self.0.entry(name.to_string()).or_default() += x;
+    }
+
+    fn all_reduce<B: Backend>(self, world: &World, dev: &B::Device) -> Result<Self> {
+        let sums = world.sum::<B>(&self.0.values().copied().collect::<Vec<_>>(), dev)?;
+        Ok(Totals(self.0.into_keys().zip(sums).collect()))
+    }
+
+    fn get(&self, name: &str) -> f64 {
+        self.0[name]
+    }
+
+    /// `num / den`, 0 when `den` is 0.
+    fn per(&self, num: &str, den: &str) -> f64 {
+        self.get(num) / self.get(den).max(1.0)
+    }
+}
+
 impl<B: AutodiffBackend> Trainer<B> {
     /// Updates the KL coefficient (after a clean update) and the bad-step streak, tallies the
     /// metrics and picks the samples to show; advances the step counter.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn finish_step(
         &mut self,
-        prompts: &StepPrompts,
-        samples: &[Sample],
-        verdicts: Vec<Verdict>,
-        texts: Vec<String>,
-        reward_components: std::collections::BTreeMap<String, f64>,
+        scored: Scored,
         adv: AdvantageStats,
         upd: UpdateStats,
         clock: PhaseClock,
     ) -> Result<(StepMetrics, Vec<serde_json::Value>)> {
         let (world, dev) = (self.world, self.device.clone());
-        let generated: usize = samples.iter().map(|s| s.output_ids.len()).sum();
         if upd.fault.is_none() {
             self.update_kl_coef(adv.kl_mean, upd.samples);
             self.bad_streak = 0;
@@ -81,76 +102,87 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.bad_streak += 1;
         }
         // The step's metrics, as sums over every replica's samples.
-        let summary = Summary::from_verdicts(&verdicts);
-        let think: Vec<f64> = verdicts
-            .iter()
-            .filter(|v| v.stage != Stage::FormatFailure)
-            .map(|v| v.diagnostics.think_words as f64)
+        let (samples, verdicts) = (&scored.rollout.samples, &scored.verdicts);
+        let summary = Summary::from_verdicts(verdicts);
+        let mut t = Totals::default();
+        for name in [
+            "reward",
+            "format_ok",
+            "correct",
+            "think_words",
+            "think_replies",
+            "tokens",
+            "entropy",
+            "entropy_tokens",
+        ] {
+            t.add(name, 0.0);
+        }
+        t.add("samples", summary.count as f64);
+        for v in verdicts {
+            t.add("reward", v.reward as f64);
+            t.add("format_ok", v.format_ok as u8 as f64);
+            t.add("correct", v.correct as u8 as f64);
+            if v.stage != Stage::FormatFailure {
+                t.add("think_words", v.diagnostics.think_words as f64);
+                t.add("think_replies", 1.0);
+            }
+        }
+        for s in samples {
+            t.add("tokens", s.output_ids.len() as f64);
+            t.add("entropy", s.entropies.iter().map(|&e| e as f64).sum());
+            t.add("entropy_tokens", s.entropies.len() as f64);
+        }
+        t.add("policy_loss", upd.policy_loss);
+        t.add("value_loss", upd.value_loss);
+        t.add("clip_frac", upd.clip_frac);
+        for (stage, &c) in &summary.stages {
+            t.add(&format!("stage/{stage}"), c as f64);
+        }
+        let t = t.all_reduce::<B::InnerBackend>(&world, &dev)?;
+        let stages = (summary.stages.keys())
+            .map(|s| (s.clone(), t.get(&format!("stage/{s}")) as usize))
             .collect();
-        let entropies = samples.iter().flat_map(|s| s.entropies.iter());
-        let n = summary.count as f64;
-        let mut tally = vec![
-            n,
-            verdicts.iter().map(|v| v.reward as f64).sum::<f64>(),
-            verdicts.iter().filter(|v| v.format_ok).count() as f64,
-            verdicts.iter().filter(|v| v.correct).count() as f64,
-            generated as f64,
-            think.iter().sum::<f64>(),
-            think.len() as f64,
-            entropies.clone().map(|&e| e as f64).sum::<f64>(),
-            entropies.count() as f64,
-            upd.policy_loss,
-            upd.value_loss,
-            upd.clip_frac,
-        ];
-        tally.extend(summary.stages.values().map(|&c| c as f64));
-        let t = world.sum::<B::InnerBackend>(&tally, &dev)?;
-        let stages = summary
-            .stages
-            .keys()
-            .cloned()
-            .zip(t[12..].iter().map(|&c| c as usize));
-        let per = |i: usize, by: usize| t[i] / t[by].max(1.0);
         let n_opt = upd.optimizer_steps.max(1) as f64;
         let seconds = clock.total();
         let metrics = StepMetrics {
             step: self.step,
             epoch: self.epoch,
-            reward_mean: per(1, 0),
-            format_rate: per(2, 0),
-            accuracy: per(3, 0),
-            response_len_mean: per(4, 0),
-            think_len_mean: per(5, 6),
+            reward_mean: t.per("reward", "samples"),
+            format_rate: t.per("format_ok", "samples"),
+            accuracy: t.per("correct", "samples"),
+            response_len_mean: t.per("tokens", "samples"),
+            think_len_mean: t.per("think_words", "think_replies"),
             kl: adv.kl_mean,
             kl_coef: self.kl_coef,
-            entropy: per(7, 8),
-            policy_loss: t[9] / n_opt,
-            value_loss: t[10] / n_opt,
-            clip_frac: t[11] / n_opt,
+            entropy: t.per("entropy", "entropy_tokens"),
+            policy_loss: t.get("policy_loss") / n_opt,
+            value_loss: t.get("value_loss") / n_opt,
+            clip_frac: t.get("clip_frac") / n_opt,
             explained_var: adv.explained_var,
             grad_norm: upd.grad_norm / n_opt,
             critic_grad_norm: upd.critic_grad_norm / n_opt,
             lr: upd.lr,
             critic_lr: upd.critic_lr,
-            tokens_per_s: t[4] / seconds,
+            tokens_per_s: t.get("tokens") / seconds,
             seconds,
             logprob_gap_mean: upd.gap.mean(),
             logprob_gap_max: upd.gap.abs_max,
             rollout_ratio_std: upd.gap.ratio_std(),
             phase_seconds: clock.phases,
-            reward_components,
-            stages: stages.collect(),
+            reward_components: scored.components.clone(),
+            stages,
             eval_accuracy: None,
             eval_format_rate: None,
             skipped: upd.fault,
         };
         let shown: Vec<serde_json::Value> = (0..samples.len().min(self.cfg.train.samples_per_step))
             .map(|i| {
+                let item = scored.item(&self.train_items, i);
                 serde_json::json!({
                     "step": self.step,
-                    "id": self.train_items[prompts.items[samples[i].prompt_index]].id,
-                    "gold": self.train_items[prompts.items[samples[i].prompt_index]].answer.to_string(),
-                    "response": texts[i],
+                    "id": item.id,
+                    "gold": item.answer.to_string(),
+                    "response": scored.texts[i],
                     "reward": verdicts[i].reward,
                     "stage": verdicts[i].stage,
                     "finish_reason": samples[i].finish_reason,

@@ -1,4 +1,4 @@
-//! Phase 1 of a PPO step: sample the step's responses.
+//! Phase 1 of a PPO step: draw the step's prompts and sample their responses ([`Rollout`]).
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
@@ -13,6 +13,12 @@ pub(super) struct StepPrompts {
     pub tokens: Vec<Vec<u32>>,
     /// Index of this replica's first prompt among the step's prompts (keys the sampler RNG).
     pub first: usize,
+}
+
+/// What the rollout phase produces: the step's prompts on this replica and their samples.
+pub(super) struct Rollout {
+    pub prompts: StepPrompts,
+    pub samples: Vec<Sample>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -35,12 +41,12 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `rollout.n` samples per prompt from the current actor, continuously batched
     /// `rollout.generate_batch` prompts' rows at a time (bounds the KV cache); each prompt's RNG
     /// is keyed by its index in the step, so neither the batch size nor sharding changes them.
-    pub(super) fn rollout(&self, prompts: &StepPrompts) -> Vec<Sample> {
+    pub(super) fn rollout(&self, prompts: StepPrompts) -> Rollout {
         let params = SamplingParams {
             max_rows: self.cfg.rollout.generate_batch * self.cfg.rollout.n,
             ..self.sampling()
         };
-        sampler::generate_from(
+        let samples = sampler::generate_from(
             &self.actor.valid(),
             &self.model_config,
             &prompts.tokens,
@@ -48,6 +54,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             &params,
             &self.tok,
             &self.device,
-        )
+        );
+        Rollout { prompts, samples }
     }
 }

@@ -1,24 +1,24 @@
 //! Phase 2 of a PPO step: the reward of every sample (`reward::score` under the run's prompt
-//! style, or the run's reward program).
+//! style, or the run's reward program) ([`Scored`]).
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
 
-use super::rollout::StepPrompts;
+use super::rollout::Rollout;
 use super::Trainer;
-use crate::experience::Experience;
 use crate::prompt;
 use crate::reward::{self, Gold, Request};
-use crate::sampler::Sample;
+use crate::task::McqaItem;
 use crate::verifier::{self, Verdict};
 
-/// The samples' verdicts and decoded texts, and the experiences they start.
+/// What the score phase produces: the rollout with each sample's verdict (its reward) and
+/// decoded text.
 pub(super) struct Scored {
+    pub rollout: Rollout,
     pub verdicts: Vec<Verdict>,
     pub texts: Vec<String>,
-    pub experiences: Vec<Experience>,
     /// The reward program's named components, mean over the samples (empty without one).
     pub components: BTreeMap<String, f64>,
 }
@@ -36,20 +36,28 @@ impl std::fmt::Display for RewardFailed {
 
 impl std::error::Error for RewardFailed {}
 
+impl Scored {
+    /// The training item behind sample `i`.
+    pub fn item<'a>(&self, items: &'a [McqaItem], i: usize) -> &'a McqaItem {
+        let r = &self.rollout;
+        &items[r.prompts.items[r.samples[i].prompt_index]]
+    }
+}
+
 impl<B: AutodiffBackend> Trainer<B> {
-    /// Decodes and scores each sample against its item; `log π_old` starts as the sampler's.
-    /// With `reward.program`, the verifier's verdict keeps its format/accuracy labels and the
-    /// program's answer is the reward.
-    pub(super) fn score(&self, prompts: &StepPrompts, samples: &[Sample]) -> Result<Scored> {
-        let mut verdicts = Vec::with_capacity(samples.len());
-        let mut texts = Vec::with_capacity(samples.len());
-        for s in samples {
-            let item = &self.train_items[prompts.items[s.prompt_index]];
+    /// Decodes and scores each sample against its item. With `reward.program`, the verifier's
+    /// verdict keeps its format/accuracy labels and the program's answer is the reward.
+    pub(super) fn score(&self, rollout: Rollout) -> Result<Scored> {
+        let items = &self.train_items;
+        let item = |s: &crate::sampler::Sample| &items[rollout.prompts.items[s.prompt_index]];
+        let mut verdicts = Vec::with_capacity(rollout.samples.len());
+        let mut texts = Vec::with_capacity(rollout.samples.len());
+        for s in &rollout.samples {
             let text = self.tok.decode(&s.output_ids);
             let mut v = reward::score(
                 self.cfg.data.prompt,
                 &text,
-                &Gold::of(item),
+                &Gold::of(item(s)),
                 &self.cfg.verifier,
             );
             if let Some(think) = verifier::think_text(&text) {
@@ -60,30 +68,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let mut components = BTreeMap::new();
         if let Some(program) = &self.reward_program {
-            let rendered: Vec<String> = samples
-                .iter()
-                .map(|s| {
-                    let item = &self.train_items[prompts.items[s.prompt_index]];
-                    prompt::render(item, self.cfg.data.prompt)
-                })
+            let rendered: Vec<String> = (rollout.samples.iter())
+                .map(|s| prompt::render(item(s), self.cfg.data.prompt))
                 .collect();
-            let requests: Vec<Request> = samples
-                .iter()
-                .zip(&texts)
-                .zip(&rendered)
-                .map(|((s, text), p)| {
+            let requests: Vec<Request> = (rollout.samples.iter().zip(&texts).zip(&rendered))
+                .map(|((s, text), rendered)| {
                     let id = format!(
                         "step-{}/prompt-{}/sample-{}",
                         self.step,
-                        prompts.first + s.prompt_index,
+                        rollout.prompts.first + s.prompt_index,
                         s.sample_index
                     );
-                    Request::new(
-                        id,
-                        p,
-                        text,
-                        &self.train_items[prompts.items[s.prompt_index]],
-                    )
+                    Request::new(id, rendered, text, item(s))
                 })
                 .collect();
             let answers = program
@@ -93,27 +89,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .map_err(|e| RewardFailed(format!("{e:#}")))?;
             components = reward::apply_answers(&answers, verdicts.iter_mut());
         }
-        let experiences = samples
-            .iter()
-            .zip(&verdicts)
-            .map(|(s, v)| Experience {
-                prompt_index: s.prompt_index,
-                prompt: prompts.tokens[s.prompt_index].clone(),
-                response: s.output_ids.clone(),
-                rollout_logp: s.logprobs.iter().map(|&x| x as f64).collect(),
-                old_logp: s.logprobs.iter().map(|&x| x as f64).collect(),
-                is_weights: vec![],
-                ref_logp: vec![],
-                old_values: vec![],
-                reward: v.reward as f64,
-                advantages: vec![],
-                returns: vec![],
-            })
-            .collect();
         Ok(Scored {
+            rollout,
             verdicts,
             texts,
-            experiences,
             components,
         })
     }

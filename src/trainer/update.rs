@@ -118,7 +118,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let first = self.world.rank * exps.len();
         let mut lens = vec![0.0; exps.len() * self.world.size];
         for (k, e) in exps.iter().enumerate() {
-            lens[first + k] = e.response.len() as f64;
+            lens[first + k] = e.sample.response.len() as f64;
         }
         let lens = self.world.sum::<B::InnerBackend>(&lens, &self.device)?;
         let mut out = UpdateStats {
@@ -183,7 +183,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                     rows.len() as f64 / batch.len() as f64
                 }
                 (false, loss::Aggregation::TokenMean) => {
-                    rows.iter().map(|&i| exps[i].response.len()).sum::<usize>() as f64
+                    rows.iter()
+                        .map(|&i| exps[i].sample.response.len())
+                        .sum::<usize>() as f64
                         / total_tokens
                 }
             };
@@ -226,7 +228,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let planned = |f| self.faults.hits(self.step, self.world.rank, f);
         let seqs: Vec<(&[u32], &[u32])> = rows
             .iter()
-            .map(|&i| (exps[i].prompt.as_slice(), exps[i].response.as_slice()))
+            .map(|&i| {
+                let s = &exps[i].sample;
+                (s.prompt.as_slice(), s.response.as_slice())
+            })
             .collect();
         let batch = Batch::new(&seqs);
         let m = batch.mask_tensor::<B>(&self.device);
@@ -248,28 +253,38 @@ impl<B: AutodiffBackend> Trainer<B> {
             );
             let logp = trainable.output.clone();
             if measure_gap {
-                let lens: Vec<usize> = rows.iter().map(|&i| exps[i].response.len()).collect();
+                let lens: Vec<usize> = rows
+                    .iter()
+                    .map(|&i| exps[i].sample.response.len())
+                    .collect();
                 let update = ragged(logp.clone().detach(), &lens);
                 for (row, &i) in update.iter().zip(rows) {
-                    out.gap.add(row, &exps[i].rollout_logp);
+                    out.gap.add(row, &exps[i].sample.rollout_logp);
                 }
             }
             let (pl, clip_frac) = loss::policy_loss(
                 logp.clone(),
-                take(&|e| &e.old_logp),
+                take(&|e| &e.sample.old_logp),
                 take(&|e| &e.advantages),
                 m.clone(),
                 cfg.ppo.eps_low,
                 cfg.ppo.eps_high,
                 cfg.ppo.loss_agg,
-                cfg.ppo.rollout_is_cap.map(|_| take(&|e| &e.is_weights)),
+                cfg.ppo
+                    .rollout_is_cap
+                    .map(|_| take(&|e| &e.sample.is_weights)),
             );
             let mut total = pl.clone();
             if planned(Fault::PolicyLoss) {
                 total = total.mul_scalar(f64::NAN);
             }
             if cfg.ppo.use_kl_loss {
-                let kl = loss::kl_loss(logp, take(&|e| &e.ref_logp), m.clone(), cfg.ppo.loss_agg);
+                let kl = loss::kl_loss(
+                    logp,
+                    take(&|e| &e.sample.ref_logp),
+                    m.clone(),
+                    cfg.ppo.loss_agg,
+                );
                 total = total + kl.mul_scalar(self.kl_coef);
             }
             let total_value = scalar(total.clone());
@@ -292,7 +307,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let trainable = batch.train_values(critic, cfg.model.recompute, &self.device);
             let mut vl = loss::value_loss(
                 trainable.output.clone(),
-                take(&|e| &e.old_values),
+                take(&|e| &e.sample.old_values),
                 take(&|e| &e.returns),
                 m,
                 cfg.ppo.value_clip,

@@ -51,12 +51,12 @@ use qwen2_burn::{save_qwen2, Qwen2, Qwen2Config, SaveDtype};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde_json::json;
 
-use crate::config::OptimConfig;
-use crate::experience::Batch;
-use crate::prompt::{self, PromptStyle};
-use crate::sft::{self, SftConfig};
-use crate::task::McqaItem;
-use crate::tokenizer::{Tokenizer, ENDOFTEXT};
+use med_rlvr::config::OptimConfig;
+use med_rlvr::experience::Batch;
+use med_rlvr::prompt::{self, PromptStyle};
+use med_rlvr::sft::{self, SftConfig};
+use med_rlvr::task::McqaItem;
+use med_rlvr::tokenizer::{Tokenizer, ENDOFTEXT};
 
 /// The shipped demo assets (`assets/demo` in the source tree).
 pub fn assets_dir() -> PathBuf {

@@ -10,7 +10,7 @@ use qwen2_burn::{KvCache, Qwen2, Qwen2Config};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::sampler::{self, NoDetokenizer, SamplingParams};
+use med_rlvr::sampler::{self, NoDetokenizer, SamplingParams};
 
 #[derive(Debug, Serialize)]
 pub struct KernelBench {
@@ -245,7 +245,7 @@ pub struct VerifierBench {
 /// Scores `count` seeded random replies — tag soup mixed with letters, answer phrases and
 /// arbitrary Unicode — and checks every reward is −1, 0 or +1.
 pub fn verifier(count: usize, seed: u64) -> VerifierBench {
-    use crate::verifier::{verify, VerifierConfig};
+    use med_rlvr::verifier::{verify, VerifierConfig};
     const PIECES: &[&str] = &[
         "<think>",
         "</think>",
@@ -391,8 +391,8 @@ pub fn update<B: AutodiffBackend>(
         chunk,
         recompute,
     } = shape;
-    use crate::experience::Batch;
-    use crate::loss::{policy_loss, Aggregation};
+    use med_rlvr::experience::Batch;
+    use med_rlvr::loss::{policy_loss, Aggregation};
     let prompts = random_prompts(batch, prompt_len, config.vocab_size, 7);
     let responses = random_prompts(batch, response_len, config.vocab_size, 8);
     let rows: Vec<(&[u32], &[u32])> = prompts
@@ -431,7 +431,7 @@ pub fn update<B: AutodiffBackend>(
     drop(grads);
     let seconds = t0.elapsed().as_secs_f64();
     let (_, peak) = resident()?;
-    let plan = crate::memory::MemoryPlan::new(&crate::memory::PlanInputs {
+    let plan = med_rlvr::memory::MemoryPlan::new(&med_rlvr::memory::PlanInputs {
         model: config.clone(),
         lora: Some(lora.clone()),
         critic: false,

@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use qwen2_burn::{load_qwen2, Qwen2, Qwen2Config};
 use serde_json::json;
 
-use crate::sampler::{self, SamplingParams};
-use crate::tokenizer::Tokenizer;
+use med_rlvr::sampler::{self, SamplingParams};
+use med_rlvr::tokenizer::Tokenizer;
 
 /// `println!` that returns an error naming stdout instead of panicking when stdout is closed or
 /// its disk is full.
@@ -51,7 +51,7 @@ pub enum Command {
     Score(ScoreArgs),
     /// RL training (PPO or a critic-free estimator). No arguments: the embedded demo.
     Train(TrainArgs),
-    /// Rebuild the demo task and tiny model shipped in assets/demo (see src/demo.rs).
+    /// Rebuild the demo task and tiny model shipped in assets/demo (see src/app/demo.rs).
     DemoAssets(DemoArgs),
     /// Evaluate a model on MCQA files: accuracy and format rate with bootstrap std, per category.
     Eval(EvalArgs),
@@ -146,13 +146,13 @@ pub struct PlotArgs {
 
 #[derive(Args, Debug)]
 pub struct SftArgs {
-    #[arg(long, default_value_os_t = crate::demo::model_dir())]
+    #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
     /// Default: the embedded demo task's training file.
-    #[arg(long, default_value_os_t = crate::demo::assets_dir().join("train.jsonl"))]
+    #[arg(long, default_value_os_t = crate::app::demo::assets_dir().join("train.jsonl"))]
     pub data: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
-    pub format: crate::task::DataFormat,
+    pub format: med_rlvr::task::DataFormat,
     #[arg(long)]
     pub category: Option<String>,
     #[arg(long)]
@@ -184,22 +184,22 @@ pub struct SftArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    #[arg(long, default_value_os_t = crate::demo::model_dir())]
+    #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
     /// A LoRA adapter folder (PEFT layout) to apply to --model (merged before generating).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Dataset files; several give one table with a column each.
     /// Default: the embedded demo task's held-out file.
-    #[arg(long, num_args = 1.., default_values_os_t = [crate::demo::assets_dir().join("test.jsonl")])]
+    #[arg(long, num_args = 1.., default_values_os_t = [crate::app::demo::assets_dir().join("test.jsonl")])]
     pub data: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
-    pub format: crate::task::DataFormat,
+    pub format: med_rlvr::task::DataFormat,
     /// Keep only this category (MMLU-Pro `category`, MedQA `meta_info`), e.g. `health`.
     #[arg(long)]
     pub category: Option<String>,
     #[arg(long, value_enum, default_value = "r1")]
-    pub prompt: crate::prompt::PromptStyle,
+    pub prompt: med_rlvr::prompt::PromptStyle,
     /// Generations per question.
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub n: usize,
@@ -292,9 +292,13 @@ pub struct DemoArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Epochs over the knowledge corpus (the first pretraining phase, see src/demo.rs).
+    /// Epochs over the knowledge corpus (the first pretraining phase, see src/app/demo.rs).
     #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     pub epochs: usize,
+    /// Write only the task and the tokenizer (`train.jsonl`, `test.jsonl`,
+    /// `model/tokenizer.json`), not the pretrained model: seconds instead of half an hour.
+    #[arg(long)]
+    pub task_only: bool,
 }
 
 #[derive(Args, Debug)]
@@ -306,7 +310,7 @@ pub struct ScoreArgs {
     /// The prompt style the replies answer: r1 (think/answer tags, the paper's reward) or direct
     /// (the first letter of the first line).
     #[arg(long, value_enum, default_value = "r1")]
-    pub prompt: crate::prompt::PromptStyle,
+    pub prompt: med_rlvr::prompt::PromptStyle,
     /// Start-anchored, one bare in-range letter.
     #[arg(long)]
     pub strict: bool,
@@ -322,12 +326,21 @@ pub struct ScoreArgs {
     /// Subtract this when more than 15 words precede `<think>` (off: 0).
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_real, allow_negative_numbers = true)]
     pub preamble_penalty: f32,
+    /// Take each reply's reward from this program (as `reward.program` in training and
+    /// `eval --reward-program`); format and accuracy stay the verifier's. Each request's `id`,
+    /// `prompt`, `question`, `options` and `category` are the line's keys of those names when
+    /// present (`id` defaults to `line-N`).
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    pub reward_program: Vec<String>,
+    /// Seconds to wait for each of the program's answers.
+    #[arg(long, default_value_t = 60.0, value_parser = positive_real)]
+    pub reward_timeout_s: f64,
 }
 
 #[derive(Args, Debug)]
 pub struct LogprobsArgs {
     /// A Hugging Face Qwen2 folder (config.json, safetensors, tokenizer.json).
-    #[arg(long, default_value_os_t = crate::demo::model_dir())]
+    #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
     #[arg(long)]
     pub prompt: String,
@@ -340,7 +353,7 @@ pub struct LogprobsArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    #[arg(long, default_value_os_t = crate::demo::model_dir())]
+    #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
     /// One prompt (plain text, no template applied).
     #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
@@ -492,10 +505,12 @@ fn top_p(s: &str) -> Result<f32, String> {
 
 impl Cli {
     /// Whether the command computes with the model (and so needs the backend's device).
+    #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
     pub fn needs_device(&self) -> bool {
         match &self.command {
             Command::Score(_) | Command::Plot(_) | Command::Plan(_) => false,
             Command::Bench(b) => b.verifier.is_none(),
+            Command::DemoAssets(a) => !a.task_only,
             _ => true,
         }
     }
@@ -515,7 +530,10 @@ fn dispatch<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
         Command::Bench(a) => bench::<B>(a, &device),
         Command::Score(a) => score(a),
         Command::Train(a) => train::<B>(a, device),
-        Command::DemoAssets(a) => crate::demo::build::<B>(&a.out, a.seed, a.epochs, &device),
+        Command::DemoAssets(a) if a.task_only => {
+            crate::app::demo::write_task(&a.out, a.seed).map(drop)
+        }
+        Command::DemoAssets(a) => crate::app::demo::build::<B>(&a.out, a.seed, a.epochs, &device),
         Command::Eval(a) => eval::<B::InnerBackend>(a, &device),
         Command::Sft(a) => sft::<B>(a, &device),
         Command::Plot(a) => plot(a),
@@ -526,7 +544,7 @@ fn dispatch<B: AutodiffBackend>(cli: Cli, device: B::Device) -> Result<()> {
 }
 
 fn selfcheck<B: AutodiffBackend>(a: SelfcheckArgs, device: &B::Device) -> Result<()> {
-    use crate::selfcheck::{cases, run_case, Summary};
+    use med_rlvr::selfcheck::{cases, run_case, Summary};
     type Reference = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
     let started = std::time::Instant::now();
     let (mut failed, mut checks) = (0usize, 0usize);
@@ -568,15 +586,15 @@ fn selfcheck<B: AutodiffBackend>(a: SelfcheckArgs, device: &B::Device) -> Result
         started.elapsed().as_secs_f64()
     );
     if failed > 0 {
-        return Err(crate::exit::RunFailed(summary).into());
+        return Err(med_rlvr::exit::RunFailed(summary).into());
     }
     eprintln!("{summary}");
     Ok(())
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
-    use crate::memory::{MemoryPlan, PlanInputs};
-    let mut cfg = crate::config::TrainConfig::load(a.config.as_deref(), &a.set)?;
+    use med_rlvr::memory::{MemoryPlan, PlanInputs};
+    let mut cfg = med_rlvr::config::TrainConfig::load(a.config.as_deref(), &a.set)?;
     if let Some(m) = &a.model {
         cfg.model.path = m.clone();
     }
@@ -599,15 +617,15 @@ fn plan(a: PlanArgs) -> Result<()> {
                 .filter(|d| d.join("tokenizer.json").is_file() && cfg.data.train.is_file())
                 .map(|d| -> Result<usize> {
                     let tok = Tokenizer::from_dir(&d)?;
-                    let opts = crate::task::LoadOptions {
+                    let opts = med_rlvr::task::LoadOptions {
                         category: cfg.data.category.clone(),
                         none_of_the_above: cfg.data.none_of_the_above,
                         skip_invalid: cfg.data.skip_invalid,
                     };
-                    let ds = crate::task::load(&cfg.data.train, cfg.data.format, &opts)?;
+                    let ds = med_rlvr::task::load(&cfg.data.train, cfg.data.format, &opts)?;
                     let mut longest = 0;
                     for it in &ds.items {
-                        let p = crate::prompt::render(it, cfg.data.prompt);
+                        let p = med_rlvr::prompt::render(it, cfg.data.prompt);
                         longest = longest.max(tok.encode(&p)?.len());
                     }
                     Ok(longest)
@@ -639,7 +657,7 @@ fn plan(a: PlanArgs) -> Result<()> {
     if let Some(gb) = a.limit_gb.or(cfg.model.memory_limit_gb) {
         let limit = (gb * (1u64 << 30) as f64) as u64;
         // The batch sizes that fit, each with the rest of the config as it is.
-        let peak = |c: &crate::config::TrainConfig| {
+        let peak = |c: &med_rlvr::config::TrainConfig| {
             MemoryPlan::new(&PlanInputs::from_config(
                 c,
                 &geometry,
@@ -648,23 +666,23 @@ fn plan(a: PlanArgs) -> Result<()> {
             ))
             .peak
         };
-        let with = |f: &dyn Fn(&mut crate::config::TrainConfig)| {
+        let with = |f: &dyn Fn(&mut med_rlvr::config::TrainConfig)| {
             let mut c = cfg.clone();
             f(&mut c);
             peak(&c) <= limit
         };
         let show =
             |x: Option<usize>| x.map_or("none (even 1 does not fit)".into(), |x| x.to_string());
-        let mb = crate::memory::largest_fitting(4096, |m| with(&|c| c.ppo.micro_batch = m));
+        let mb = med_rlvr::memory::largest_fitting(4096, |m| with(&|c| c.ppo.micro_batch = m));
         let prompts = cfg.rollout.prompts_per_step / a.devices.max(1);
         let gb_rows =
-            crate::memory::largest_fitting(prompts, |g| with(&|c| c.rollout.generate_batch = g));
+            med_rlvr::memory::largest_fitting(prompts, |g| with(&|c| c.rollout.generate_batch = g));
         eprintln!(
             "within {gb} GiB: largest ppo.micro_batch {}, largest rollout.generate_batch {} (of {prompts} prompts)",
             show(mb),
             show(gb_rows)
         );
-        plan.check(limit).map_err(crate::exit::RunFailed)?;
+        plan.check(limit).map_err(med_rlvr::exit::RunFailed)?;
         eprintln!("fits in {gb} GiB");
     }
     Ok(())
@@ -696,7 +714,7 @@ fn export<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
     let actor = if src.join("config.json").is_file() || src.join("adapter_config.json").is_file() {
         src.clone()
     } else if src.join("state.json").is_file() || src.join("checkpoints").is_dir() {
-        crate::checkpoint::resolve(src, None)?.join("actor")
+        med_rlvr::checkpoint::resolve(src, None)?.join("actor")
     } else if src.join("final").join("config.json").is_file() {
         src.join("final")
     } else {
@@ -720,14 +738,14 @@ fn export<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
     if let Some(b) = &base {
         inputs.push(("base model", b.as_path()));
     }
-    crate::paths::refuse_overlap("--out", &a.out, &inputs)?;
+    med_rlvr::paths::refuse_overlap("--out", &a.out, &inputs)?;
     let (config, model, tok) = if let Some(base) = &base {
         // LoRA: merge the adapters into their base (--base, else the path recorded at training).
-        let (config, model, tok) = crate::model_folder::load::<B>(base, device)?;
+        let (config, model, tok) = med_rlvr::model_folder::load::<B>(base, device)?;
         let (model, _) = qwen2_burn::load_lora(model, &actor, device)?;
         (config, model.merge_lora(), tok)
     } else {
-        crate::model_folder::load::<B>(&actor, device)?
+        med_rlvr::model_folder::load::<B>(&actor, device)?
     };
     qwen2_burn::save_qwen2(&model, &config, &a.out, dtype, 5 << 30)?;
     let tok_dir = tok
@@ -735,7 +753,7 @@ fn export<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    crate::checkpoint::copy_tokenizer_files(&tok_dir, &a.out)?;
+    med_rlvr::checkpoint::copy_tokenizer_files(&tok_dir, &a.out)?;
     outln!("{}", a.out.display());
     Ok(())
 }
@@ -749,9 +767,9 @@ fn plot(a: PlotArgs) -> Result<()> {
                 run.parent().map(Path::to_path_buf).unwrap_or_default()
             }
         });
-        crate::plot::training_figures(run, &out)?
+        med_rlvr::plot::training_figures(run, &out)?
     } else {
-        crate::plot::eval_figures(&a.eval, &a.out.unwrap_or_else(|| PathBuf::from(".")))?
+        med_rlvr::plot::eval_figures(&a.eval, &a.out.unwrap_or_else(|| PathBuf::from(".")))?
     };
     for f in files {
         outln!("{}", f.display());
@@ -760,14 +778,14 @@ fn plot(a: PlotArgs) -> Result<()> {
 }
 
 fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
-    crate::demo::announce_default("model", &a.model);
-    let (config, model, tok) = crate::model_folder::load::<B>(&a.model, device)?;
+    crate::app::demo::announce_default("model", &a.model);
+    let (config, model, tok) = med_rlvr::model_folder::load::<B>(&a.model, device)?;
     let p = tok.encode(&a.prompt)?;
     let c = tok.encode(&a.continuation)?;
     if p.is_empty() {
         bail!("--prompt tokenizes to no tokens: the first continuation token needs a context");
     }
-    crate::tokenizer::check_context(
+    med_rlvr::tokenizer::check_context(
         config.max_position_embeddings,
         p.len() + c.len(),
         &format!(
@@ -776,7 +794,7 @@ fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
             c.len()
         ),
     )?;
-    let lps = crate::model_folder::continuation_logprobs(&model, &p, &c, device);
+    let lps = med_rlvr::model_folder::continuation_logprobs(&model, &p, &c, device);
     if let Some(j) = lps.iter().position(|x| !x.is_finite()) {
         bail!(
             "the model computed a non-finite log-prob ({}) for continuation token {j}: its \
@@ -800,11 +818,11 @@ fn logprobs<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
 }
 
 fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
-    crate::demo::announce_default("model", &a.model);
-    let (config, model, tok) = crate::model_folder::load::<B>(&a.model, device)?;
+    crate::app::demo::announce_default("model", &a.model);
+    let (config, model, tok) = med_rlvr::model_folder::load::<B>(&a.model, device)?;
     let texts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![p.clone()],
-        (None, Some(f)) => crate::prompt::read_file(f)?,
+        (None, Some(f)) => med_rlvr::prompt::read_file(f)?,
         (None, None) => bail!("give --prompt TEXT or --prompts FILE.jsonl"),
     };
     if let (true, Some(f)) = (texts.is_empty(), &a.prompts) {
@@ -847,7 +865,7 @@ fn generate<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
         bail!("prompt {} tokenizes to no tokens", i + 1);
     }
     for (i, p) in encoded.iter().enumerate() {
-        crate::tokenizer::check_context(
+        med_rlvr::tokenizer::check_context(
             config.max_position_embeddings,
             p.len() + a.max_new_tokens,
             &format!(
@@ -896,7 +914,7 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
     if let Some(count) = a.verifier {
         outln!(
             "{}",
-            serde_json::to_string(&crate::bench::verifier(count, 0))?
+            serde_json::to_string(&crate::app::bench::verifier(count, 0))?
         );
         return Ok(());
     }
@@ -910,7 +928,7 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
         }
         config.num_hidden_layers = n;
     }
-    crate::tokenizer::check_context(
+    med_rlvr::tokenizer::check_context(
         config.max_position_embeddings,
         a.prompt_len + a.new_tokens,
         &format!(
@@ -922,14 +940,14 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
         let spec = qwen2_burn::LoraSpec {
             rank: a.lora_rank,
             alpha: 2.0 * a.lora_rank as f64,
-            targets: qwen2_burn::lora::ALL_TARGETS.map(String::from).to_vec(),
+            targets: qwen2_burn::PROJECTIONS.map(String::from).to_vec(),
         };
         let model = Qwen2::<A>::init_random(&config, 0, device).with_lora(&spec, 0, device);
-        let line = crate::bench::update(
+        let line = crate::app::bench::update(
             &config,
             &model,
             &spec,
-            crate::bench::UpdateShape {
+            crate::app::bench::UpdateShape {
                 batch: a.batch,
                 prompt_len: a.prompt_len,
                 response_len: a.new_tokens,
@@ -949,14 +967,14 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
         model = model.with_base_dtype(burn::tensor::FloatDType::BF16);
     }
     let line = if a.rollout {
-        serde_json::to_value(crate::bench::rollout(
+        serde_json::to_value(crate::app::bench::rollout(
             &config,
             &model,
             a.batch,
             a.n,
             a.prompt_len,
             a.new_tokens,
-            crate::bench::RolloutShape {
+            crate::app::bench::RolloutShape {
                 stop_every: a.stop_every,
                 mask: a.mask,
                 max_rows: a.max_rows,
@@ -965,7 +983,7 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
             device,
         ))?
     } else {
-        serde_json::to_value(crate::bench::kernels(
+        serde_json::to_value(crate::app::bench::kernels(
             &config,
             &model,
             a.batch,
@@ -983,7 +1001,7 @@ fn bench<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Result<()> {
 }
 
 fn score(a: ScoreArgs) -> Result<()> {
-    use crate::verifier::{self, Summary, VerifierConfig};
+    use med_rlvr::verifier::{self, Summary, VerifierConfig};
     let cfg = VerifierConfig {
         strict: a.strict,
         answer_leak_penalty: a.answer_leak_penalty,
@@ -999,7 +1017,7 @@ fn score(a: ScoreArgs) -> Result<()> {
     let f =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     if let Some(o) = &a.out {
-        crate::paths::refuse_overlap("--out", o, &[("--input", path)])?;
+        med_rlvr::paths::refuse_overlap("--out", o, &[("--input", path)])?;
     }
     let out_name = a
         .out
@@ -1011,6 +1029,16 @@ fn score(a: ScoreArgs) -> Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
+    let mut program = match a.reward_program.is_empty() {
+        true => None,
+        false => Some(med_rlvr::reward::RewardProgram::start(
+            &a.reward_program,
+            std::time::Duration::from_secs_f64(a.reward_timeout_s),
+        )?),
+    };
+    // Every line is read and scored before any is written, so a reward program answers them
+    // in one batch.
+    let mut lines: Vec<(usize, serde_json::Value)> = Vec::new();
     let mut verdicts = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
         let at = || format!("{}:{}", path.display(), i + 1);
@@ -1018,7 +1046,7 @@ fn score(a: ScoreArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let mut v: serde_json::Value =
+        let v: serde_json::Value =
             serde_json::from_str(&line).with_context(|| format!("{}: invalid JSON", at()))?;
         let response = v
             .get("response")
@@ -1047,19 +1075,30 @@ fn score(a: ScoreArgs) -> Result<()> {
                 (b'A' + n as u8 - 1) as char
             );
         }
-        let gold_text = v
-            .get("gold_text")
-            .and_then(|x| x.as_str())
-            .map(str::to_string);
-        let gold = crate::reward::Gold {
+        let gold = med_rlvr::reward::Gold {
             letter: gold,
             num_options: n,
-            text: gold_text.as_deref(),
+            text: v.get("gold_text").and_then(|x| x.as_str()),
         };
-        let mut verdict = crate::reward::score(a.prompt, response, &gold, &cfg);
+        let mut verdict = med_rlvr::reward::score(a.prompt, response, &gold, &cfg);
         if let (Some(t), Some(think)) = (&tok, verifier::think_text(response)) {
             verdict.diagnostics.think_tokens = Some(t.encode(think)?.len());
         }
+        verdicts.push(verdict);
+        lines.push((i + 1, v));
+    }
+    if verdicts.is_empty() {
+        bail!(
+            "{}: no replies to score (the file has no non-empty line)",
+            path.display()
+        );
+    }
+    if let Some(program) = program.as_mut() {
+        let requests = score_requests(&lines, path)?;
+        let answers = program.score(&requests)?;
+        med_rlvr::reward::apply_answers(&answers, verdicts.iter_mut());
+    }
+    for ((_, v), verdict) in lines.iter_mut().zip(&verdicts) {
         let obj = v.as_object_mut().expect("checked object");
         obj.insert("reward".into(), json!(verdict.reward));
         obj.insert("format_ok".into(), json!(verdict.format_ok));
@@ -1073,16 +1112,9 @@ fn score(a: ScoreArgs) -> Result<()> {
             obj.extend(d);
         }
         writeln!(out, "{v}").with_context(|| format!("{out_name}: cannot write"))?;
-        verdicts.push(verdict);
     }
     out.flush()
         .with_context(|| format!("{out_name}: cannot write"))?;
-    if verdicts.is_empty() {
-        bail!(
-            "{}: no replies to score (the file has no non-empty line)",
-            path.display()
-        );
-    }
     let s = Summary::from_verdicts(&verdicts);
     eprintln!(
         "scored {}: mean reward {:.4}, format rate {:.4}, accuracy {:.4}",
@@ -1092,9 +1124,44 @@ fn score(a: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
+/// A reward program's requests for `score`'s lines (line number, JSON): `id`, `prompt`,
+/// `question`, `options` and `category` from the line's keys when present.
+fn score_requests<'a>(
+    lines: &'a [(usize, serde_json::Value)],
+    path: &Path,
+) -> Result<Vec<med_rlvr::reward::Request<'a>>> {
+    let mut options: Vec<Vec<String>> = Vec::with_capacity(lines.len());
+    for (n, v) in lines {
+        options.push(match v.get("options") {
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(o) => serde_json::from_value(o.clone()).with_context(|| {
+                format!(
+                    "{}:{n}: `options` must be a list of strings",
+                    path.display()
+                )
+            })?,
+        });
+    }
+    let text = |v: &'a serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_str());
+    Ok(lines
+        .iter()
+        .zip(options)
+        .map(|((n, v), options)| med_rlvr::reward::Request {
+            id: text(v, "id").map_or_else(|| format!("line-{n}"), String::from),
+            prompt: text(v, "prompt").unwrap_or(""),
+            reply: text(v, "response").unwrap_or(""),
+            item_id: text(v, "id").unwrap_or(""),
+            question: text(v, "question").unwrap_or(""),
+            options: std::borrow::Cow::Owned(options),
+            answer: text(v, "answer").unwrap_or("").trim().to_uppercase(),
+            category: text(v, "category"),
+        })
+        .collect())
+}
+
 fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
-    use crate::checkpoint;
-    use crate::config::TrainConfig;
+    use med_rlvr::checkpoint;
+    use med_rlvr::config::TrainConfig;
     use std::sync::atomic::{AtomicBool, Ordering};
     let resume = a
         .resume
@@ -1114,7 +1181,7 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         if a.config.is_none() && resume.is_none() {
             let set = |key: &str| a.set.iter().any(|o| o.trim_start().starts_with(key));
             if !set("data.format") {
-                cfg.data.format = crate::task::DataFormat::Auto;
+                cfg.data.format = med_rlvr::task::DataFormat::Auto;
             }
             if !set("data.eval") && cfg.data.eval.take().is_some() {
                 eprintln!(
@@ -1150,7 +1217,7 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         inputs.push(("data.eval", e.as_path()));
     }
     let out =
-        crate::trainer::run_folder(a.out.as_deref(), resume.as_deref(), a.overwrite, &inputs)?;
+        med_rlvr::trainer::run_folder(a.out.as_deref(), resume.as_deref(), a.overwrite, &inputs)?;
     eprintln!("run folder: {}", out.display());
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -1164,14 +1231,14 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
         );
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
-    let opts = crate::trainer::RunOptions {
+    let opts = med_rlvr::trainer::RunOptions {
         quiet: a.quiet,
         resume,
         stop: Some(stop),
         devices: a.devices,
         ..Default::default()
     };
-    let outcome = crate::trainer::run::<B>(cfg, &out, device, &opts).inspect_err(|_| {
+    let outcome = med_rlvr::trainer::run::<B>(cfg, &out, device, &opts).inspect_err(|_| {
         // A run refused before writing anything leaves no empty folder behind.
         let _ = std::fs::remove_dir(&out);
     })?;
@@ -1185,7 +1252,7 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     if let (Some((a0, f0)), Some((a1, f1))) = (first, last) {
         eprintln!("held-out accuracy {a0:.3} -> {a1:.3}, format rate {f0:.3} -> {f1:.3}");
     }
-    match crate::plot::training_figures(&out, &out) {
+    match med_rlvr::plot::training_figures(&out, &out) {
         Ok(files) => eprintln!("figures: {}", files[0].display()),
         Err(e) => eprintln!("warning: no figures ({e:#})"),
     }
@@ -1206,10 +1273,10 @@ fn train<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
 }
 
 fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
-    use crate::eval::{self as ev, ScoreSettings};
-    use crate::task::{self, LoadOptions};
-    crate::demo::announce_default("model", &a.model);
-    let (config, model, tok) = crate::model_folder::load::<B>(&a.model, device)?;
+    use med_rlvr::eval::{self as ev, ScoreSettings};
+    use med_rlvr::task::{self, LoadOptions};
+    crate::app::demo::announce_default("model", &a.model);
+    let (config, model, tok) = med_rlvr::model_folder::load::<B>(&a.model, device)?;
     let model = match &a.adapter {
         Some(dir) => qwen2_burn::load_lora(model, dir, device)?.0.merge_lora(),
         None => model,
@@ -1221,12 +1288,12 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
             top_p: a.top_p,
             max_new_tokens: a.max_new_tokens,
             stop_token_ids: vec![tok.eos_id()?],
-            stop_strings: crate::reward::stop_strings(a.prompt),
+            stop_strings: med_rlvr::reward::stop_strings(a.prompt),
             n: a.n,
             seed: a.seed,
             ..Default::default()
         },
-        verifier: crate::verifier::VerifierConfig {
+        verifier: med_rlvr::verifier::VerifierConfig {
             strict: a.strict,
             ..Default::default()
         },
@@ -1240,7 +1307,7 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     // Every dataset is read and checked before anything is written.
     let mut sets = Vec::new();
     for path in &a.data {
-        crate::demo::announce_default("data", path);
+        crate::app::demo::announce_default("data", path);
         let mut ds = task::load(path, a.format, &opts)?;
         if !ds.skipped.is_empty() {
             eprintln!(
@@ -1295,7 +1362,7 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     let mut inputs: Vec<(&str, &Path)> = vec![("--model", a.model.as_path())];
     inputs.extend(a.data.iter().map(|d| ("--data", d.as_path())));
     for f in ["generations.jsonl", "summary.json", "table.md"] {
-        crate::paths::refuse_overlap("--out", &a.out.join(f), &inputs)?;
+        med_rlvr::paths::refuse_overlap("--out", &a.out.join(f), &inputs)?;
     }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create", a.out.display()))?;
@@ -1305,7 +1372,7 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
     );
     let mut program = match a.reward_program.is_empty() {
         true => None,
-        false => Some(crate::reward::RewardProgram::start(
+        false => Some(med_rlvr::reward::RewardProgram::start(
             &a.reward_program,
             std::time::Duration::from_secs_f64(a.reward_timeout_s),
         )?),
@@ -1368,21 +1435,21 @@ fn eval<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
 }
 
 fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
-    use crate::sft::{self as s, SftConfig};
     use burn::module::AutodiffModule;
-    let opts = crate::task::LoadOptions {
+    use med_rlvr::sft::{self as s, SftConfig};
+    let opts = med_rlvr::task::LoadOptions {
         category: a.category.clone(),
         none_of_the_above: a.none_of_the_above,
         skip_invalid: a.skip_invalid,
     };
-    crate::demo::announce_default("model", &a.model);
-    crate::demo::announce_default("data", &a.data);
+    crate::app::demo::announce_default("model", &a.model);
+    crate::app::demo::announce_default("data", &a.data);
     for (i, lr) in a.lr.iter().enumerate() {
         if a.lr[..i].contains(lr) {
             bail!("--lr {lr:e} is given twice: each learning rate writes one run folder");
         }
     }
-    let ds = crate::task::load(&a.data, a.format, &opts)?;
+    let ds = med_rlvr::task::load(&a.data, a.format, &opts)?;
     if ds.items.is_empty() {
         bail!(
             "{}: no examples{}",
@@ -1401,9 +1468,9 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             model_config.hidden_size
         );
     }
-    let pairs = crate::sft::pairs(&ds.items, &tok)?;
+    let pairs = med_rlvr::sft::pairs(&ds.items, &tok)?;
     if let Some((p, t)) = pairs.iter().max_by_key(|(p, t)| p.len() + t.len()) {
-        crate::tokenizer::check_context(
+        med_rlvr::tokenizer::check_context(
             model_config.max_position_embeddings,
             p.len() + t.len(),
             &format!("the longest example of {}", a.data.display()),
@@ -1418,7 +1485,7 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             .collect();
     for out in &outs {
         for f in ["final", "final_adapter", "metrics.jsonl"] {
-            crate::paths::refuse_overlap(
+            med_rlvr::paths::refuse_overlap(
                 "--out",
                 &out.join(f),
                 &[("--model", a.model.as_path()), ("--data", a.data.as_path())],
@@ -1431,7 +1498,7 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
         let lora = (a.lora_rank > 0).then(|| qwen2_burn::LoraSpec {
             rank: a.lora_rank,
             alpha: a.lora_alpha,
-            targets: qwen2_burn::lora::ALL_TARGETS.map(String::from).to_vec(),
+            targets: qwen2_burn::PROJECTIONS.map(String::from).to_vec(),
         });
         let model = match &lora {
             Some(spec) => model.with_lora(spec, a.seed, device),
@@ -1479,7 +1546,7 @@ fn sft<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
             qwen2_burn::SaveDtype::F32,
             5 << 30,
         )?;
-        crate::checkpoint::copy_tokenizer_files(&a.model, &dir)?;
+        med_rlvr::checkpoint::copy_tokenizer_files(&a.model, &dir)?;
         eprintln!(
             "lr {lr:e}: {} steps, final loss {:.4}, model in {}",
             hist.len(),
