@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
-use qwen2_burn::{load_qwen2, Qwen2, Qwen2Config};
+use qwen2_burn::{load_weights, Qwen2, Qwen2Config};
 
 use crate::tokenizer::Tokenizer;
 
@@ -18,8 +18,8 @@ pub fn load<B: Backend>(
     if !dir.is_dir() {
         bail!("{}: model folder not found", dir.display());
     }
-    let (_, tokenizer) = Tokenizer::for_model(dir)?;
-    let (config, model) = load_qwen2::<B>(dir, device)?;
+    let (config, tokenizer) = Tokenizer::for_model(dir)?;
+    let model = load_weights::<B>(dir, &config, device)?;
     Ok((config, model, tokenizer))
 }
 

@@ -131,6 +131,15 @@ pub struct RewardProgram {
 }
 
 impl RewardProgram {
+    /// The program `command` started, or `None` when no command is given (the rewards are the
+    /// verifier's): `reward.program` in training, `--reward-program` for `eval` and `score`.
+    pub fn start_if_given(command: &[String], timeout: Duration) -> Result<Option<Self>> {
+        match command.is_empty() {
+            true => Ok(None),
+            false => Self::start(command, timeout).map(Some),
+        }
+    }
+
     pub fn start(command: &[String], timeout: Duration) -> Result<Self> {
         let (program, args) = command.split_first().context("reward.program is empty")?;
         let mut child = Command::new(program)

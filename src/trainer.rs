@@ -17,7 +17,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
-use qwen2_burn::{load_qwen2, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
+use qwen2_burn::{load_weights, save_qwen2, Qwen2, Qwen2Config, SaveDtype};
 use rand::seq::SliceRandom;
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -174,7 +174,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             plan.check((gb * (1u64 << 30) as f64) as u64)
                 .map_err(|e| anyhow::anyhow!("{e} (model.memory_limit_gb = {gb})"))?;
         }
-        let (_, mut base) = load_qwen2::<B>(dir, &device)?;
+        let mut base = load_weights::<B>(dir, &model_config, &device)?;
         if cfg.model.base_dtype == BaseDtype::Bf16 {
             if !B::supports_dtype(&device, DType::BF16) {
                 bail!(
@@ -207,13 +207,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let total_opt_steps =
             total_steps * cfg.ppo.ppo_epochs * samples.div_ceil(cfg.ppo.train_batch);
         let eos = tok.eos_id()?;
-        let reward_program = match cfg.reward.program.is_empty() {
-            true => None,
-            false => Some(std::sync::Mutex::new(crate::reward::RewardProgram::start(
-                &cfg.reward.program,
-                std::time::Duration::from_secs_f64(cfg.reward.timeout_s),
-            )?)),
-        };
+        let reward_program = crate::reward::RewardProgram::start_if_given(
+            &cfg.reward.program,
+            std::time::Duration::from_secs_f64(cfg.reward.timeout_s),
+        )?
+        .map(std::sync::Mutex::new);
         let mut t = Self {
             reward_program,
             actor_optim: adamw(&cfg.optim).init(),

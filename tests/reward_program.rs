@@ -188,17 +188,11 @@ fn a_program_that_hangs_or_answers_garbage_is_named() {
 fn eval_takes_its_rewards_from_the_program() {
     let dir = tempfile::tempdir().unwrap();
     let (log, out) = (dir.path().join("answers.jsonl"), dir.path().join("eval"));
-    let o = Command::new(bin())
-        .args(["eval", "--limit", "6", "--n", "2", "--temperature", "1.0"])
+    let mut eval = Command::new(bin());
+    eval.args(["eval", "--limit", "6", "--n", "2", "--temperature", "1.0"])
         .args(["--max-new-tokens", "24", "--out"])
-        .arg(&out)
-        .args(["--reward-program", "python3"])
-        .arg(example())
-        .arg("--log")
-        .arg(&log)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        .arg(&out);
+    with_example_program(eval, &log);
     let answers: BTreeMap<String, f64> = jsonl(&log)
         .iter()
         .map(|a| {
@@ -236,6 +230,18 @@ fn eval_takes_its_rewards_from_the_program() {
     );
 }
 
+/// Runs `command --reward-program python3 examples/reward.py --log LOG`, which must succeed.
+fn with_example_program(mut command: Command, log: &Path) {
+    let o = command
+        .args(["--reward-program", "python3"])
+        .arg(example())
+        .arg("--log")
+        .arg(log)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// `score --reward-program`: each line's reward is the program's answer to it (ids, prompts,
 /// questions and options from the line, `line-N` without an id); format and accuracy stay the
 /// verifier's.
@@ -255,18 +261,13 @@ fn score_takes_its_rewards_from_the_program() {
     ];
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&input, text).unwrap();
-    let o = Command::new(bin())
+    let mut score = Command::new(bin());
+    score
         .args(["score", "--input"])
         .arg(&input)
         .arg("--out")
-        .arg(&out)
-        .args(["--reward-program", "python3"])
-        .arg(example())
-        .arg("--log")
-        .arg(&log)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        .arg(&out);
+    with_example_program(score, &log);
     let answers = jsonl(&log);
     let ids: Vec<&str> = answers.iter().map(|a| a["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["q1", "line-2", "line-3"]);

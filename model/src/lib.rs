@@ -18,4 +18,4 @@ pub use error::{ModelError, Result};
 pub use lora::{load_lora, save_lora, LoraSpec};
 pub use model::{log_softmax_gather, Qwen2, TensorSource, PROJECTIONS};
 pub use recompute::{vjp, Checkpoints};
-pub use weights::{hf_tensors, load_qwen2, read_safetensors, save_qwen2, SaveDtype};
+pub use weights::{hf_tensors, load_qwen2, load_weights, read_safetensors, save_qwen2, SaveDtype};

@@ -47,10 +47,20 @@ impl SaveDtype {
 /// Loads `DIR/config.json` and the weights of a Hugging Face Qwen2 folder.
 pub fn load_qwen2<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Qwen2Config, Qwen2<B>)> {
     let config = Qwen2Config::from_dir(dir)?;
-    let mut src = SafetensorsSource::open(dir)?;
-    let model = Qwen2::build(&config, &mut src, device)?;
-    src.check_all_used(config.tie_word_embeddings)?;
+    let model = load_weights(dir, &config, device)?;
     Ok((config, model))
+}
+
+/// The weights of folder `dir` for an already-read `config` (its `config.json`).
+pub fn load_weights<B: Backend>(
+    dir: &Path,
+    config: &Qwen2Config,
+    device: &B::Device,
+) -> Result<Qwen2<B>> {
+    let mut src = SafetensorsSource::open(dir)?;
+    let model = Qwen2::build(config, &mut src, device)?;
+    src.check_all_used(config.tie_word_embeddings)?;
+    Ok(model)
 }
 
 /// The tensors of a folder, file by file, read lazily as the model asks for them.

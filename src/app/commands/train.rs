@@ -1,0 +1,119 @@
+//! `med-rlvr train`: a training run (`med_rlvr::trainer::run`), new or resumed.
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::app::cli::TrainArgs;
+
+pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
+    use med_rlvr::checkpoint;
+    use med_rlvr::config::TrainConfig;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let resume = a
+        .resume
+        .as_ref()
+        .map(|r| checkpoint::resolve(r, a.out.as_deref()))
+        .transpose()?;
+    let mut cfg = match (&a.config, &resume) {
+        (None, Some(ck)) => checkpoint::read_config(ck, &a.set)?,
+        _ => TrainConfig::load(a.config.as_deref(), &a.set)?,
+    };
+    if let Some(m) = a.model {
+        cfg.model.path = m;
+    }
+    if let Some(d) = a.data {
+        cfg.data.train = d;
+        // The embedded preset's format and held-out set describe the demo task, not this file.
+        if a.config.is_none() && resume.is_none() {
+            let set = |key: &str| a.set.iter().any(|o| o.trim_start().starts_with(key));
+            if !set("data.format") {
+                cfg.data.format = med_rlvr::task::DataFormat::Auto;
+            }
+            if !set("data.eval") && cfg.data.eval.take().is_some() {
+                eprintln!(
+                    "--data with the embedded demo preset: data.format = \"auto\", no held-out \
+                     set (set data.eval to evaluate on one)"
+                );
+            }
+        }
+    }
+    cfg.require_paths()?;
+    if let Some(k) = a.save_every {
+        cfg.train.save_every = k;
+    }
+    if let Some(ck) = &resume {
+        let diff = checkpoint::math_diff(&checkpoint::read_config(ck, &[])?, &cfg)?;
+        if !diff.is_empty() && !a.force {
+            bail!(
+                "the configuration differs from the checkpoint's ({}) in ways that change the \
+                 math:\n  {}\npass --force to resume anyway",
+                ck.join("config.toml").display(),
+                diff.join("\n  ")
+            );
+        }
+        for d in &diff {
+            eprintln!("warning: resuming with a changed setting: {d}");
+        }
+    }
+    let mut inputs = vec![
+        ("model.path", cfg.model.path.as_path()),
+        ("data.train", cfg.data.train.as_path()),
+    ];
+    if let Some(e) = &cfg.data.eval {
+        inputs.push(("data.eval", e.as_path()));
+    }
+    let out =
+        med_rlvr::trainer::run_folder(a.out.as_deref(), resume.as_deref(), a.overwrite, &inputs)?;
+    eprintln!("run folder: {}", out.display());
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: finishing the current step, then writing a checkpoint (again to abort)"
+        );
+    })
+    .context("cannot install the SIGINT/SIGTERM handler")?;
+    let opts = med_rlvr::trainer::RunOptions {
+        quiet: a.quiet,
+        resume,
+        stop: Some(stop),
+        devices: a.devices,
+        ..Default::default()
+    };
+    let outcome = med_rlvr::trainer::run::<B>(cfg, &out, device, &opts).inspect_err(|_| {
+        // A run refused before writing anything leaves no empty folder behind.
+        let _ = std::fs::remove_dir(&out);
+    })?;
+    let metrics = &outcome.metrics;
+    let first = metrics
+        .first()
+        .and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
+    let last = metrics
+        .last()
+        .and_then(|m| m.eval_accuracy.zip(m.eval_format_rate));
+    if let (Some((a0, f0)), Some((a1, f1))) = (first, last) {
+        eprintln!("held-out accuracy {a0:.3} -> {a1:.3}, format rate {f0:.3} -> {f1:.3}");
+    }
+    match med_rlvr::plot::training_figures(&out, &out) {
+        Ok(files) => eprintln!("figures: {}", files[0].display()),
+        Err(e) => eprintln!("warning: no figures ({e:#})"),
+    }
+    if let Some(ck) = outcome.interrupted {
+        eprintln!(
+            "stopped cleanly; checkpoint {}; continue with: med-rlvr train --resume {}",
+            ck.display(),
+            ck.display()
+        );
+        return Ok(());
+    }
+    eprintln!(
+        "metrics: {}, final model: {}",
+        out.join("metrics.jsonl").display(),
+        out.join("final").display()
+    );
+    Ok(())
+}
