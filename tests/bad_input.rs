@@ -101,6 +101,7 @@ const CASES: &[Case] = &[
     case(&["train", "--set", "model.logprob_chunk=0"], "accepted", 2, &["model.logprob_chunk = 0"]),
     case(&["train", "--set", "lora.rank=4096", "--out", "{w}/lora-run"], "accepted", 2, &["lora.rank = 4096", "hidden_size 128"]),
     case(&["train", "--set", "rollout.n=-1"], "error blamed the preset", 2, &["--set rollout.n=-1"]),
+    case(&["train", "--set", "ppo.estimator=\"ppo\""], "(new: the estimator table)", 2, &["--set ppo.estimator", "unknown estimator \"ppo\"", "gae, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline"]),
     case(&["generate", "--prompt", "Q", "--n", "0"], "gave 1 sample", 2, &["--n", "at least 1"]),
     case(&["generate", "--prompt", "Q", "--temperature", "-1"], "(new)", 2, &["--temperature", ">= 0"]),
     case(&["generate", "--prompt", "Q", "--stop-token", "99999"], "accepted", 2, &["--stop-token 99999", "vocab_size"]),
