@@ -791,47 +791,40 @@ pub fn build<B: AutodiffBackend>(
     epochs: usize,
     device: &B::Device,
 ) -> Result<()> {
-    let DemoTask {
-        tok,
-        test,
-        names,
-        knowledge,
-        skill,
-        probes,
-        mut rng,
-    } = write_task(out, seed)?;
+    let mut task = write_task(out, seed)?;
+    let tok = &task.tok;
     let config = demo_config(tok.vocab_size(), tok.eos_id()?);
     let model = Qwen2::<B>::init_random(&config, seed, device);
     let model = pretrain(
         model,
-        &tok,
-        &knowledge,
+        tok,
+        &task.knowledge,
         &phase_config(epochs, 2e-3, 0.1, seed + 1),
         "knowledge",
         device,
     )?;
-    let (d, l, k) = probe(&model.valid(), &tok, &test, &probes, device)?;
+    let (d, l, k) = probe(&model.valid(), tok, &task.test, &task.probes, device)?;
     eprintln!("after the knowledge phase: lookup {k:.3}; task: diagnosis {d:.3}, letter {l:.3}");
     let model = pretrain(
         model,
-        &tok,
-        &skill,
+        tok,
+        &task.skill,
         &phase_config(1, 1e-3, 1.0, seed),
         "lookup skill",
         device,
     )?;
-    let (d, l, k) = probe(&model.valid(), &tok, &test, &probes, device)?;
+    let (d, l, k) = probe(&model.valid(), tok, &task.test, &task.probes, device)?;
     eprintln!("after the skill phase: lookup {k:.3}; task: diagnosis {d:.3}, letter {l:.3}");
-    let widen = widen_corpus(&names, WIDEN_DOCS, &mut rng);
+    let widen = widen_corpus(&task.names, WIDEN_DOCS, &mut task.rng);
     let model = pretrain(
         model,
-        &tok,
+        tok,
         &widen,
         &phase_config(1, 1e-3, 1.0, seed + 2),
         "widen",
         device,
     )?;
-    let (d, l, k) = probe(&model.valid(), &tok, &test, &probes, device)?;
+    let (d, l, k) = probe(&model.valid(), tok, &task.test, &task.probes, device)?;
     eprintln!("after the widening phase: lookup {k:.3}; task: diagnosis {d:.3}, letter {l:.3}");
     save_qwen2(
         &model.valid(),
