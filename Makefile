@@ -4,7 +4,7 @@ CARGO ?= cargo
 # committed slices in tests/fixtures/data are tested either way).
 export MEDRLVR_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: test test-wgpu check-cuda fmt clippy bench-kernels fixtures
+.PHONY: test test-wgpu check-no-avx512 check-cuda fmt clippy bench-kernels fixtures
 
 test:
 	$(CARGO) test --release --workspace
@@ -17,6 +17,13 @@ test:
 WGPU_TESTS = --test selfcheck --test sampler --test checkpoint --test wgpu_binary
 test-wgpu:
 	$(CARGO) test --release --features wgpu $(WGPU_TESTS) -- wgpu::
+
+# The release binary on an emulated CPU without AVX-512 (qemu-user's Haswell: AVX2 only): the
+# default build carries burn-flex's AVX-512 kernels and must pick the others there. (The binary is
+# the one `make test` built.)
+check-no-avx512:
+	$(CARGO) build --release
+	qemu-x86_64 -cpu Haswell $${CARGO_TARGET_DIR:-target}/release/med-rlvr selfcheck --cases 3 --seed 5
 
 check-cuda:
 	$(CARGO) check --release --features cuda
