@@ -2,7 +2,7 @@
 //! batch moments and whitening. Small pure functions on `[batch][response_len]` grids with a
 //! right-padded action mask (1 = response token), in f64; OpenRLHF v0.5.9 semantics
 //! (`tests/fixtures/ppo_math_reference.json` pins the numbers). The advantage estimators that
-//! combine them are in `crate::estimator`.
+//! combine them are in `estimator.rs`.
 
 use serde::{Deserialize, Serialize};
 
