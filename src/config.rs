@@ -93,7 +93,8 @@ impl LoraConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A Hugging Face Qwen2 folder. Relative paths resolve against the config file's folder.
+    /// A Hugging Face Qwen2 folder, or a Hub id (`Qwen/Qwen2.5-3B[@revision]`, fetched into the
+    /// Hugging Face cache by `hub`). Relative paths resolve against the config file's folder.
     pub path: PathBuf,
     /// Compute per-token log-probs this many positions at a time (bounds the logits' memory).
     pub logprob_chunk: usize,
@@ -136,8 +137,9 @@ impl BaseDtype {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
+    /// A jsonl or parquet file, or `hf://datasets/OWNER/NAME[@REVISION]/PATH` on the Hub.
     pub train: PathBuf,
-    /// Held-out set for greedy evaluation during training (optional).
+    /// Held-out set for greedy evaluation during training (optional); a file or `hf://` path.
     pub eval: Option<PathBuf>,
     pub format: DataFormat,
     pub category: Option<String>,
@@ -361,15 +363,22 @@ impl TrainConfig {
                 .try_into()
                 .map_err(|e| anyhow!("--set {o}: {e}"))?;
         }
-        let resolve = |p: &mut PathBuf| {
-            if !p.as_os_str().is_empty() && p.is_relative() {
-                *p = crate::paths::lexical(&base.join(&*p));
+        // Relative paths against the file's folder; hub ids (a model id with no local folder of
+        // that name there) and hf:// paths stay as they are, for `hub` to fetch.
+        let resolve = |p: &mut PathBuf, model: bool| {
+            let s = p.to_string_lossy();
+            if p.as_os_str().is_empty() || !p.is_relative() || s.starts_with("hf://") {
+                return;
+            }
+            let local = crate::paths::lexical(&base.join(&*p));
+            if !(model && !local.exists() && crate::hub::Repo::model(&s).is_some()) {
+                *p = local;
             }
         };
-        resolve(&mut cfg.model.path);
-        resolve(&mut cfg.data.train);
+        resolve(&mut cfg.model.path, true);
+        resolve(&mut cfg.data.train, false);
         if let Some(e) = cfg.data.eval.as_mut() {
-            resolve(e);
+            resolve(e, false);
         }
         if let Some(p) = cfg.problems().into_iter().next() {
             let source = |key: &str| {

@@ -15,6 +15,7 @@ pub mod estimator;
 pub mod eval;
 pub mod exit;
 pub mod experience;
+pub mod hub;
 pub mod loss;
 pub mod memory;
 pub mod model_folder;

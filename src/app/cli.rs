@@ -68,7 +68,8 @@ pub struct PlanArgs {
     /// A TOML config (default: the embedded demo preset).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// A model folder or a config.json (only the geometry is read).
+    /// A model folder, a config.json or a Hub id (only the geometry is read; for an id, only its
+    /// config.json is fetched).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// `key=value` overrides, as for `train`.
@@ -107,7 +108,8 @@ pub struct ExportArgs {
     /// Stored dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// The base model of a LoRA checkpoint (default: the path recorded in adapter_config.json).
+    /// The base model of a LoRA checkpoint, a folder or a Hub id (default: the one recorded in
+    /// adapter_config.json).
     #[arg(long)]
     pub base: Option<PathBuf>,
 }
@@ -128,8 +130,11 @@ pub struct PlotArgs {
 
 #[derive(Args, Debug)]
 pub struct SftArgs {
+    /// A Hugging Face Qwen2 folder, or a Hub id (`Qwen/Qwen2.5-3B[@revision]`: fetched into the
+    /// Hugging Face cache, `HF_HOME`). Default: the embedded demo model.
     #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
+    /// A jsonl or parquet file, or `hf://datasets/OWNER/NAME[@REVISION]/PATH` on the Hub.
     /// Default: the embedded demo task's training file.
     #[arg(long, default_value_os_t = crate::app::demo::assets_dir().join("train.jsonl"))]
     pub data: PathBuf,
@@ -166,12 +171,15 @@ pub struct SftArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// A Hugging Face Qwen2 folder, or a Hub id (`Qwen/Qwen2.5-3B[@revision]`: fetched into the
+    /// Hugging Face cache, `HF_HOME`). Default: the embedded demo model.
     #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
     /// A LoRA adapter folder (PEFT layout) to apply to --model (merged before generating).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Dataset files; several give one table with a column each.
+    /// Dataset files (jsonl, parquet, or `hf://datasets/OWNER/NAME[@REVISION]/PATH` on the Hub);
+    /// several give one table with a column each.
     /// Default: the embedded demo task's held-out file.
     #[arg(long, num_args = 1.., default_values_os_t = [crate::app::demo::assets_dir().join("test.jsonl")])]
     pub data: Vec<PathBuf>,
@@ -224,10 +232,10 @@ pub struct TrainArgs {
     /// A TOML config (assets/presets/*.toml); default: the embedded demo preset.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Overrides `model.path`.
+    /// Overrides `model.path`: a model folder or a Hub id (`Qwen/Qwen2.5-3B[@revision]`).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Overrides `data.train`.
+    /// Overrides `data.train`: a file or `hf://datasets/OWNER/NAME[@REVISION]/PATH`.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Run folder (default: runs/train-<unix time>).
@@ -331,7 +339,8 @@ impl RewardProgramArgs {
 
 #[derive(Args, Debug)]
 pub struct LogprobsArgs {
-    /// A Hugging Face Qwen2 folder (config.json, safetensors, tokenizer.json).
+    /// A Hugging Face Qwen2 folder (config.json, safetensors, tokenizer.json), or a Hub id
+    /// (`Qwen/Qwen2.5-3B[@revision]`, fetched into the Hugging Face cache).
     #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
     #[arg(long)]
@@ -345,6 +354,8 @@ pub struct LogprobsArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
+    /// A Hugging Face Qwen2 folder, or a Hub id (`Qwen/Qwen2.5-3B[@revision]`: fetched into the
+    /// Hugging Face cache, `HF_HOME`). Default: the embedded demo model.
     #[arg(long, default_value_os_t = crate::app::demo::model_dir())]
     pub model: PathBuf,
     /// One prompt (plain text, no template applied).

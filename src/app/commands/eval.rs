@@ -11,10 +11,16 @@ use med_rlvr::sampler::SamplingParams;
 
 use crate::app::cli::EvalArgs;
 
-pub(crate) fn run<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
+pub(crate) fn run<B: Backend>(mut a: EvalArgs, device: &B::Device) -> Result<()> {
     use med_rlvr::eval::{self as ev, ScoreSettings};
     use med_rlvr::task::{self, LoadOptions};
     crate::app::demo::announce_default("model", &a.model);
+    // Hub ids and hf:// paths become cached files; the id names the model in the table.
+    let model_spec = a.model.clone();
+    a.model = med_rlvr::hub::model_dir(&a.model)?;
+    for d in a.data.iter_mut() {
+        *d = med_rlvr::hub::data_file(d)?;
+    }
     let (config, model, tok) = med_rlvr::model_folder::load::<B>(&a.model, device)?;
     let model = match &a.adapter {
         Some(dir) => qwen2_burn::load_lora(model, dir, device)?.0.merge_lora(),
@@ -146,12 +152,12 @@ pub(crate) fn run<B: Backend>(a: EvalArgs, device: &B::Device) -> Result<()> {
         .flush()
         .with_context(|| format!("{}: cannot write", gen_path.display()))?;
     let model_name = a.name.clone().unwrap_or_else(|| {
-        a.model
+        model_spec
             .file_name()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default()
     });
-    let summary = json!({"model": model_name, "model_path": a.model, "prompt": a.prompt, "n": a.n, "temperature": a.temperature,
+    let summary = json!({"model": model_name, "model_path": model_spec, "prompt": a.prompt, "n": a.n, "temperature": a.temperature,
         "bootstrap_resamples": a.resamples, "seed": a.seed,
         "reward_program": (!a.reward.reward_program.is_empty()).then(|| a.reward.reward_program.join(" ")),
         "datasets": reports});

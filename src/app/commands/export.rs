@@ -8,18 +8,20 @@ use burn::tensor::backend::Backend;
 
 use crate::app::cli::ExportArgs;
 
-/// The base model folder recorded in an adapter's `adapter_config.json`.
+/// The base model recorded in an adapter's `adapter_config.json`: a local folder or a hub id.
 fn adapter_base(adapter: &Path) -> Result<PathBuf> {
-    qwen2_burn::lora::read_adapter_config(adapter)?
+    match qwen2_burn::lora::read_adapter_config(adapter)?
         .base_model_name_or_path
         .map(PathBuf::from)
-        .filter(|b| b.join("config.json").is_file())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: base_model_name_or_path is not a local model folder; pass --base DIR",
-                adapter.join("adapter_config.json").display()
-            )
-        })
+    {
+        Some(b) if b.join("config.json").is_file() => Ok(b),
+        Some(b) if med_rlvr::hub::is_remote(&b) => med_rlvr::hub::model_dir(&b),
+        _ => bail!(
+            "{}: base_model_name_or_path is neither a local model folder nor a hub id; pass \
+             --base DIR",
+            adapter.join("adapter_config.json").display()
+        ),
+    }
 }
 
 pub(crate) fn run<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
@@ -46,7 +48,7 @@ pub(crate) fn run<B: Backend>(a: ExportArgs, device: &B::Device) -> Result<()> {
     };
     let base = match actor.join("adapter_config.json").is_file() {
         true => Some(match &a.base {
-            Some(b) => b.clone(),
+            Some(b) => med_rlvr::hub::model_dir(b)?,
             None => adapter_base(&actor)?,
         }),
         false => None,

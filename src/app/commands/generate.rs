@@ -10,8 +10,9 @@ use med_rlvr::sampler::{self, SamplingParams};
 
 use crate::app::cli::GenerateArgs;
 
-pub(crate) fn run<B: Backend>(a: GenerateArgs, device: &B::Device) -> Result<()> {
+pub(crate) fn run<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result<()> {
     crate::app::demo::announce_default("model", &a.model);
+    a.model = med_rlvr::hub::model_dir(&a.model)?;
     let (config, model, tok) = med_rlvr::model_folder::load::<B>(&a.model, device)?;
     let texts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![p.clone()],

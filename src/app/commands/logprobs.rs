@@ -8,8 +8,9 @@ use serde_json::json;
 
 use crate::app::cli::LogprobsArgs;
 
-pub(crate) fn run<B: Backend>(a: LogprobsArgs, device: &B::Device) -> Result<()> {
+pub(crate) fn run<B: Backend>(mut a: LogprobsArgs, device: &B::Device) -> Result<()> {
     crate::app::demo::announce_default("model", &a.model);
+    a.model = med_rlvr::hub::model_dir(&a.model)?;
     let (config, model, tok) = med_rlvr::model_folder::load::<B>(&a.model, device)?;
     let p = tok.encode(&a.prompt)?;
     let c = tok.encode(&a.continuation)?;

@@ -16,10 +16,11 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     if let Some(m) = &a.model {
         cfg.model.path = m.clone();
     }
-    let m = &cfg.model.path;
-    if m.as_os_str().is_empty() {
+    if cfg.model.path.as_os_str().is_empty() {
         bail!("model.path is not set: give --model DIR (or a config.json) or set model.path");
     }
+    // A hub id: its config.json alone (no weights).
+    let m = &med_rlvr::hub::model_config_dir(&cfg.model.path)?;
     let (geometry, dir) = if m.is_file() {
         (
             Qwen2Config::from_file(m)?,

@@ -11,7 +11,7 @@ use med_rlvr::tokenizer::Tokenizer;
 
 use crate::app::cli::SftArgs;
 
-pub(crate) fn run<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<()> {
+pub(crate) fn run<B: AutodiffBackend>(mut a: SftArgs, device: &B::Device) -> Result<()> {
     use burn::module::AutodiffModule;
     use med_rlvr::sft::{self as s, SftConfig};
     let opts = med_rlvr::task::LoadOptions {
@@ -26,6 +26,8 @@ pub(crate) fn run<B: AutodiffBackend>(a: SftArgs, device: &B::Device) -> Result<
             bail!("--lr {lr:e} is given twice: each learning rate writes one run folder");
         }
     }
+    a.model = med_rlvr::hub::model_dir(&a.model)?;
+    a.data = med_rlvr::hub::data_file(&a.data)?;
     let ds = med_rlvr::task::load(&a.data, a.format, &opts)?;
     if ds.items.is_empty() {
         bail!(

@@ -38,6 +38,12 @@ pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result
         }
     }
     cfg.require_paths()?;
+    // Hub ids and hf:// paths become folders and files of the Hugging Face cache.
+    cfg.model.path = med_rlvr::hub::model_dir(&cfg.model.path)?;
+    cfg.data.train = med_rlvr::hub::data_file(&cfg.data.train)?;
+    if let Some(e) = cfg.data.eval.take() {
+        cfg.data.eval = Some(med_rlvr::hub::data_file(&e)?);
+    }
     if let Some(k) = a.save_every {
         cfg.train.save_every = k;
     }
