@@ -71,6 +71,15 @@ fn is_repo_id(s: &str) -> bool {
     matches!(s.split_once('/'), Some((o, n)) if part(o) && part(n))
 }
 
+/// A relative path inside a repository (or a revision like `refs/pr/1`): no empty, `.` or `..`
+/// part, no leading `/`, no backslash, so it can never name a file outside the cache.
+fn is_inner_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.contains(['\\', '\0'])
+        && !p.contains(char::is_whitespace)
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 impl Repo {
     /// A model id `OWNER/NAME[@REVISION]`, or `None` when `spec` is not one.
     pub fn model(spec: &str) -> Option<Repo> {
@@ -78,13 +87,19 @@ impl Repo {
             Some((id, rev)) => (id, rev),
             None => (spec, "main"),
         };
-        (is_repo_id(id) && !revision.is_empty() && !revision.contains(char::is_whitespace)).then(
-            || Repo {
-                kind: RepoKind::Model,
-                id: id.to_string(),
-                revision: revision.to_string(),
-            },
-        )
+        (is_repo_id(id) && is_inner_path(revision)).then(|| Repo {
+            kind: RepoKind::Model,
+            id: id.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+
+    /// The same repository at `commit`.
+    fn at(&self, commit: &str) -> Repo {
+        Repo {
+            revision: commit.to_string(),
+            ..self.clone()
+        }
     }
 
     /// `hf://datasets/OWNER/NAME[@REVISION]/PATH` as the dataset repository and the file's path in
@@ -102,28 +117,41 @@ impl Repo {
         };
         let rest = spec.strip_prefix(DATA_PREFIX).ok_or_else(malformed)?;
         let mut parts = rest.splitn(3, '/');
-        let (owner, name, path) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(o), Some(n), Some(p)) if !p.is_empty() && !p.ends_with('/') => (o, n, p),
+        let (owner, name, mut path) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(o), Some(n), Some(p)) => (o, n, p),
             _ => return Err(malformed()),
         };
         let (name, revision) = match name.split_once('@') {
-            Some((n, r)) if !r.is_empty() => (n, r),
-            Some(_) => return Err(malformed()),
-            None => (name, "main"),
+            // `@refs/pr/N/…` and `@refs/convert/parquet/…` as HfFileSystem reads them; any other
+            // revision with a `/` is written percent-encoded (`@refs%2Fpr%2F1`).
+            Some((n, "refs")) => {
+                let mut segs = path.splitn(3, '/');
+                match (segs.next(), segs.next(), segs.next()) {
+                    (Some(kind @ ("pr" | "convert")), Some(which), Some(rest)) => {
+                        path = rest;
+                        (n, format!("refs/{kind}/{which}"))
+                    }
+                    _ => return Err(malformed()),
+                }
+            }
+            Some((n, r)) => (
+                n,
+                percent_encoding::percent_decode_str(r)
+                    .decode_utf8()
+                    .map_err(|_| malformed())?
+                    .into_owned(),
+            ),
+            None => (name, "main".to_string()),
         };
         let id = format!("{owner}/{name}");
-        if !is_repo_id(&id)
-            || path
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..")
-        {
+        if !is_repo_id(&id) || !is_inner_path(&revision) || !is_inner_path(path) {
             return Err(malformed());
         }
         Ok(Some((
             Repo {
                 kind: RepoKind::Dataset,
                 id,
-                revision: revision.to_string(),
+                revision,
             },
             path.to_string(),
         )))
@@ -162,7 +190,7 @@ impl Repo {
 /// path (a local folder of that name wins).
 pub fn is_remote(p: &Path) -> bool {
     let s = p.to_string_lossy();
-    s.starts_with("hf://") || (!p.exists() && Repo::model(&s).is_some())
+    s.starts_with(DATA_PREFIX) || (!p.exists() && Repo::model(&s).is_some())
 }
 
 /// A model folder: `spec` itself when it exists or is no hub id, else the snapshot of the id's
@@ -174,12 +202,60 @@ pub fn model_dir(spec: &Path) -> Result<PathBuf> {
     }
 }
 
-/// A model's `config.json` alone (for `plan`, which needs no weights): the folder that holds it.
+/// `spec` pinned: a hub id becomes `OWNER/NAME@<commit>` once its files are in the cache (what a
+/// run records in its config and adapters: portable, and found again without a request); a local
+/// path stays as it is.
+pub fn pin_model(spec: &Path) -> Result<PathBuf> {
+    match model_repo(spec) {
+        Some(repo) => {
+            let dir = Hub::from_env()?.model_folder(&repo)?;
+            let pinned = format!("{}@{}", repo.id, commit_of(&dir));
+            eprintln!("{pinned}: {}", dir.display());
+            Ok(PathBuf::from(pinned))
+        }
+        None => Ok(spec.to_path_buf()),
+    }
+}
+
+/// `spec` pinned: `hf://datasets/OWNER/NAME@<commit>/PATH` once the file is in the cache; a local
+/// path stays as it is.
+pub fn pin_data(spec: &Path) -> Result<PathBuf> {
+    match Repo::data_path(&spec.to_string_lossy())? {
+        Some((repo, path)) => {
+            let file = Hub::from_env()?.file(&repo, &path)?;
+            let mut snapshot = file.as_path();
+            for _ in 0..=path.matches('/').count() {
+                snapshot = snapshot.parent().unwrap_or(snapshot);
+            }
+            let commit = commit_of(snapshot);
+            let rev = utf8_percent_encode(&commit, NON_ALPHANUMERIC);
+            Ok(PathBuf::from(format!(
+                "{DATA_PREFIX}{}@{rev}/{path}",
+                repo.id
+            )))
+        }
+        None => Ok(spec.to_path_buf()),
+    }
+}
+
+/// The commit of a snapshot folder (`…/snapshots/<commit>`).
+fn commit_of(snapshot: &Path) -> String {
+    snapshot
+        .file_name()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// What `plan` reads of a model: its `config.json` and `tokenizer.json`, no weights; the folder
+/// that holds them.
 pub fn model_config_dir(spec: &Path) -> Result<PathBuf> {
     match model_repo(spec) {
         Some(repo) => {
-            let f = Hub::from_env()?.file(&repo, "config.json")?;
-            Ok(f.parent().map(Path::to_path_buf).unwrap_or_default())
+            let hub = Hub::from_env()?;
+            let f = hub.file(&repo, "config.json")?;
+            let dir = f.parent().map(Path::to_path_buf).unwrap_or_default();
+            hub.file(&repo.at(&commit_of(&dir)), "tokenizer.json")?;
+            Ok(dir)
         }
         None => Ok(spec.to_path_buf()),
     }
@@ -272,9 +348,16 @@ impl Hub {
     /// snapshot folder that holds them.
     pub fn model_folder(&self, repo: &Repo) -> Result<PathBuf> {
         let config = self.file(repo, "config.json")?;
+        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Every other file from config.json's commit, so a folder never mixes two commits (a
+        // branch that moved between two runs, or during a long download).
+        let repo = &repo.at(&commit_of(&dir));
         self.file(repo, "tokenizer.json")?;
         for optional in ["tokenizer_config.json", "generation_config.json"] {
             self.optional_file(repo, optional)?;
+        }
+        if dir.join("model.safetensors").is_file() {
+            return Ok(dir);
         }
         match self.optional_file(repo, "model.safetensors.index.json")? {
             Some(index) => {
@@ -288,6 +371,12 @@ impl Hub {
                 let mut shards: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
                 shards.sort_unstable();
                 shards.dedup();
+                if let Some(bad) = shards.iter().find(|s| !is_inner_path(s)) {
+                    bail!(
+                        "{}: weight_map names the shard {bad:?}, not a file inside the repository",
+                        index.display()
+                    );
+                }
                 for s in shards {
                     self.file(repo, s)?;
                 }
@@ -296,14 +385,12 @@ impl Hub {
                 self.file(repo, "model.safetensors")?;
             }
         }
-        let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-        eprintln!("{}: {}", repo.display(), dir.display());
         Ok(dir)
     }
 
     /// One file of the repository, fetched if missing; an error when the revision has no such file.
     pub fn file(&self, repo: &Repo, path: &str) -> Result<PathBuf> {
-        self.optional_file(repo, path)?.ok_or_else(|| {
+        self.fetch(repo, path, false)?.ok_or_else(|| {
             anyhow!(
                 "{}: the repository has no file {path} at revision {} ({})",
                 repo.display(),
@@ -316,27 +403,47 @@ impl Hub {
     /// One file of the repository, or `None` when the revision does not have it (remembered in
     /// `.no_exist/`, so a cached re-run asks nothing).
     pub fn optional_file(&self, repo: &Repo, path: &str) -> Result<Option<PathBuf>> {
+        self.fetch(repo, path, true)
+    }
+
+    fn fetch(&self, repo: &Repo, path: &str, optional: bool) -> Result<Option<PathBuf>> {
+        if !is_inner_path(path) {
+            bail!(
+                "{}: {path:?} is not a file inside a repository",
+                repo.display()
+            );
+        }
         let root = self.cache.join(repo.folder_name());
         let ref_file = root.join("refs").join(&repo.revision);
         let known = match repo.commit() {
             Some(c) => Some(c.to_string()),
             None => fs::read_to_string(&ref_file)
                 .ok()
-                .map(|c| c.trim().to_string()),
+                .map(|c| c.trim().to_string())
+                .filter(|c| is_inner_path(c)),
         };
         if let Some(commit) = &known {
-            let snap = root.join("snapshots").join(commit).join(path);
-            if snap.is_file() {
-                return Ok(Some(snap));
+            let snapshot = root.join("snapshots").join(commit);
+            if snapshot.join(path).is_file() {
+                return Ok(Some(snapshot.join(path)));
             }
             if root.join(".no_exist").join(commit).join(path).is_file() {
                 return Ok(None);
             }
+            // Offline, an optional file that a snapshot lacks is absent: other tools (`hf
+            // download`, vLLM) fill snapshots without `.no_exist` markers.
+            if self.offline && optional && snapshot.is_dir() {
+                return Ok(None);
+            }
         }
         if self.offline {
+            let local = match repo.kind {
+                RepoKind::Model => "; no local folder of that name exists either",
+                RepoKind::Dataset => "",
+            };
             bail!(
                 "{}: {path} is not in the cache {} and HF_HUB_OFFLINE is set: run once with the \
-                 network (unset HF_HUB_OFFLINE), or copy the files there",
+                 network (unset HF_HUB_OFFLINE), or copy the files there{local}",
                 repo.display(),
                 root.display()
             );
@@ -344,7 +451,7 @@ impl Hub {
         let remote = match self.head(repo, path)? {
             Ok(r) => r,
             Err(Missing { commit }) => {
-                if let Some(c) = commit.or(known) {
+                if let Some(c) = commit.filter(|c| is_inner_path(c)).or(known) {
                     let marker = root.join(".no_exist").join(c).join(path);
                     write_file(&marker, b"")?;
                 }
@@ -361,6 +468,10 @@ impl Hub {
         let blob = root.join("blobs").join(&remote.etag);
         let locks = self.cache.join(".locks").join(repo.folder_name());
         let _held = lock(&locks.join(format!("{}.lock", remote.etag)))?;
+        // Another process may have finished it while this one waited for the lock.
+        if snap.is_file() {
+            return Ok(Some(snap));
+        }
         if !blob.is_file() {
             self.download(repo, path, &remote, &blob)?;
         }
@@ -397,14 +508,16 @@ impl Hub {
         }
     }
 
-    fn agent(&self, redirects: u32) -> ureq::Agent {
+    /// An HTTP client for requests to `url`: the proxy of `HTTPS_PROXY`/`ALL_PROXY` unless
+    /// `NO_PROXY` names its host (ureq reads the former, not the latter).
+    fn agent(&self, redirects: u32, url: &str) -> ureq::Agent {
         ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(30))
             .timeout_read(Duration::from_secs(120))
             .redirects(redirects)
             .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
             .user_agent(concat!("med-rlvr/", env!("CARGO_PKG_VERSION")))
-            .try_proxy_from_env(true)
+            .try_proxy_from_env(!no_proxy(url))
             .build()
     }
 
@@ -418,8 +531,8 @@ impl Hub {
     /// The HEAD request of one file: follows the Hub's own (relative) redirects, as a renamed
     /// repository sends, and stops at a redirect to another host, whose address is the download's.
     fn head(&self, repo: &Repo, path: &str) -> Result<std::result::Result<Remote, Missing>> {
-        let agent = self.agent(0);
         let mut url = self.resolve_url(repo, path);
+        let agent = self.agent(0, &url);
         for _ in 0..5 {
             let req = self
                 .authorized(agent.head(&url))
@@ -448,10 +561,13 @@ impl Hub {
                 .header("X-Linked-Etag")
                 .or_else(|| resp.header("ETag"))
                 .map(normalize_etag);
-            let size = resp
-                .header("X-Linked-Size")
-                .or_else(|| resp.header("Content-Length"))
-                .and_then(|s| s.trim().parse::<u64>().ok());
+            // A redirect's own Content-Length is not the file's.
+            let size = match resp.header("X-Linked-Size") {
+                Some(s) => Some(s),
+                None if !redirect => resp.header("Content-Length"),
+                None => None,
+            }
+            .and_then(|s| s.trim().parse::<u64>().ok());
             let (Some(commit), Some(etag)) = (commit, etag) else {
                 bail!(
                     "{url}: the answer has no X-Repo-Commit or ETag header: is {} (HF_ENDPOINT) a \
@@ -459,8 +575,8 @@ impl Hub {
                     self.endpoint
                 );
             };
-            if etag.is_empty() || etag.contains(['/', '\\']) || etag.starts_with('.') {
-                bail!("{url}: unusable ETag {etag:?}");
+            if !is_inner_path(&etag) || etag.contains('/') || !is_inner_path(&commit) {
+                bail!("{url}: unusable ETag {etag:?} or commit {commit:?}");
             }
             let (url, same_host) = match location {
                 Some(l) if redirect => {
@@ -494,8 +610,8 @@ impl Hub {
         let page = self.page(repo);
         let (asker, token) = match &self.token {
             Some(_) => (
-                "the token in HF_TOKEN",
-                "the token in HF_TOKEN has no access yet",
+                "the token (HF_TOKEN, else $HF_HOME/token)",
+                "the token (HF_TOKEN, else $HF_HOME/token) has no access yet",
             ),
             None => ("an anonymous request", "HF_TOKEN is not set"),
         };
@@ -550,12 +666,20 @@ impl Hub {
     }
 
     /// Fetches the file into `blob` through `blob.incomplete`, resuming after a dropped
-    /// connection, and keeps it only when its size and hash match the HEAD's.
+    /// connection (a fresh download address when the CDN's has expired), and keeps it only when its
+    /// size and hash match the HEAD's. A partial download that is a prefix of the file stays for
+    /// the next run; one that is not is deleted.
     fn download(&self, repo: &Repo, path: &str, remote: &Remote, blob: &Path) -> Result<()> {
         let part = blob.with_file_name(format!("{}.incomplete", remote.etag));
         if let Some(dir) = part.parent() {
             fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
         }
+        // Created up front: an empty file is complete at once.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .map_err(|e| write_error(&part, e))?;
         let size = remote.size;
         let human = size.map(|s| format!(" ({})", indicatif::HumanBytes(s)));
         eprintln!(
@@ -571,20 +695,43 @@ impl Hub {
             )
             .expect("valid template"),
         );
-        let agent = self.agent(10);
+        let len = || fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        let restart = || {
+            OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&part)
+                .map(|_| ())
+                .map_err(|e| write_error(&part, e))
+        };
+        let kept = |why: String| {
+            anyhow!(
+                "{}: downloading {path} failed at {} bytes after {RESUMES} tries ({why}); the \
+                 partial download is kept: run again to resume from {}",
+                repo.display(),
+                len(),
+                part.display()
+            )
+        };
+        let (mut url, mut same_host) = (remote.url.clone(), remote.same_host);
+        // Tries since the last byte arrived: a connection that keeps dropping but makes progress
+        // is followed to the end.
         let mut attempt = 0;
         loop {
-            let have = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-            if size.is_some_and(|s| have == s) {
-                break;
+            let have = len();
+            match size {
+                Some(s) if have == s => break,
+                Some(s) if have > s => {
+                    restart()?;
+                    continue;
+                }
+                _ => {}
             }
-            if size.is_some_and(|s| have > s) {
-                // Longer than the file: not a prefix of it.
-                fs::remove_file(&part).map_err(|e| write_error(&part, e))?;
-                continue;
-            }
-            let mut req = agent.get(&remote.url).set("Accept-Encoding", "identity");
-            if remote.same_host {
+            let mut req = self
+                .agent(10, &url)
+                .get(&url)
+                .set("Accept-Encoding", "identity");
+            if same_host {
                 req = self.authorized(req);
             }
             if have > 0 {
@@ -592,69 +739,106 @@ impl Hub {
             }
             let resp = match req.call() {
                 Ok(r) => r,
+                // The partial is not a prefix of the file (or is all of it, size unknown).
+                Err(ureq::Error::Status(416, _)) if have > 0 => {
+                    restart()?;
+                    if !retry(&mut attempt, len(), "the server refused the range") {
+                        return Err(kept("416 Range Not Satisfiable".into()));
+                    }
+                    continue;
+                }
+                // A signed CDN address expires: ask the Hub for a fresh one.
+                Err(ureq::Error::Status(status, _)) if !same_host => {
+                    if !retry(
+                        &mut attempt,
+                        len(),
+                        &format!("the download address answered {status}"),
+                    ) {
+                        return Err(kept(format!("{status} from {}", origin(&url))));
+                    }
+                    match self.head(repo, path)? {
+                        Ok(fresh) if fresh.etag == remote.etag => {
+                            (url, same_host) = (fresh.url, fresh.same_host);
+                        }
+                        Ok(_) => bail!(
+                            "{}: {path} changed on the Hub during the download: run again",
+                            repo.display()
+                        ),
+                        Err(Missing { .. }) => bail!(
+                            "{}: {path} was removed from the Hub during the download",
+                            repo.display()
+                        ),
+                    }
+                    continue;
+                }
                 Err(ureq::Error::Status(status, r)) => {
                     let _vanished = self.status_error(repo, path, status, &r)?;
                     bail!("{}: {path}: the file vanished ({status})", repo.display());
                 }
-                Err(ureq::Error::Transport(t)) if attempt < RESUMES => {
-                    attempt += 1;
-                    eprintln!("  {t}; resuming at {have} bytes (try {attempt} of {RESUMES})");
-                    std::thread::sleep(Duration::from_millis(200 * attempt as u64));
-                    continue;
+                Err(ureq::Error::Transport(t)) => {
+                    if retry(&mut attempt, len(), &t.to_string()) {
+                        continue;
+                    }
+                    return Err(match have {
+                        0 => self.unreachable(repo, path, &t),
+                        _ => kept(t.to_string()),
+                    });
                 }
-                Err(ureq::Error::Transport(t)) => return Err(self.unreachable(repo, path, &t)),
             };
-            // 206: the rest after `have`; 200: the whole file again.
+            // 206 continues the partial; 200 is the whole file again (a server without ranges).
             let append = resp.status() == 206 && have > 0;
+            if append && content_range_start(&resp) != Some(have) {
+                restart()?;
+                if !retry(
+                    &mut attempt,
+                    len(),
+                    "the server sent another range than asked",
+                ) {
+                    return Err(kept("a wrong Content-Range".into()));
+                }
+                continue;
+            }
             let mut out = OpenOptions::new()
-                .create(true)
                 .append(append)
                 .write(true)
                 .truncate(!append)
                 .open(&part)
                 .map_err(|e| write_error(&part, e))?;
-            let start = if append { have } else { 0 };
-            bar.set_position(start);
-            match copy(&mut resp.into_reader(), &mut out, &bar) {
+            bar.set_position(if append { have } else { 0 });
+            let copied = copy(&mut resp.into_reader(), &mut out, &bar);
+            if len() > have {
+                attempt = 0;
+            }
+            match copied {
                 Ok(()) => {
                     out.sync_all().map_err(|e| write_error(&part, e))?;
-                    let got = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
                     match size {
-                        Some(s) if got < s && attempt < RESUMES => {
-                            attempt += 1;
-                            eprintln!(
-                                "  the connection closed at {got} of {s} bytes; resuming (try \
-                                 {attempt} of {RESUMES})"
-                            );
-                            continue;
+                        Some(s) if len() < s => {
+                            if !retry(
+                                &mut attempt,
+                                len(),
+                                &format!("the connection closed at {} of {s} bytes", len()),
+                            ) {
+                                return Err(kept("the connection kept closing".into()));
+                            }
                         }
                         _ => break,
                     }
                 }
                 Err(CopyError::Write(e)) => return Err(write_error(&part, e)),
-                Err(CopyError::Read(e)) if attempt < RESUMES => {
-                    attempt += 1;
-                    let got = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-                    eprintln!("  {e} at {got} bytes; resuming (try {attempt} of {RESUMES})");
-                    std::thread::sleep(Duration::from_millis(200 * attempt as u64));
-                }
                 Err(CopyError::Read(e)) => {
-                    let got = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-                    bail!(
-                        "{}: downloading {path} failed at {got} bytes after {RESUMES} resumed \
-                         tries ({e}): run again to resume from {}",
-                        repo.display(),
-                        part.display()
-                    );
+                    if !retry(&mut attempt, len(), &e.to_string()) {
+                        return Err(kept(e.to_string()));
+                    }
                 }
             }
         }
         bar.finish_and_clear();
-        let got = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        let got = len();
         if let Some(s) = size.filter(|&s| s != got) {
             let _ = fs::remove_file(&part);
             bail!(
-                "{}: {path} arrived with {got} bytes where {s} were announced; the partial file is \
+                "{}: {path} arrived with {got} bytes where {s} were announced; the download is \
                  deleted: run again",
                 repo.display()
             );
@@ -669,6 +853,25 @@ impl Hub {
         fs::rename(&part, blob).map_err(|e| write_error(blob, e))?;
         Ok(())
     }
+}
+
+/// Counts one more try after `what` went wrong at `at` bytes; false once `RESUMES` are spent.
+/// Waits a little longer each time (0.2 s, 0.4 s, … 3.2 s).
+fn retry(attempt: &mut usize, at: u64, what: &str) -> bool {
+    *attempt += 1;
+    if *attempt > RESUMES {
+        return false;
+    }
+    eprintln!("  {what}; resuming at {at} bytes (try {attempt} of {RESUMES})");
+    std::thread::sleep(Duration::from_millis(100 << (*attempt).min(6)));
+    true
+}
+
+/// The first byte of a 206 answer (`Content-Range: bytes START-END/SIZE`).
+fn content_range_start(resp: &ureq::Response) -> Option<u64> {
+    let v = resp.header("Content-Range")?.trim();
+    let v = v.strip_prefix("bytes")?.trim_start();
+    v.split('-').next()?.trim().parse().ok()
 }
 
 enum CopyError {
@@ -744,12 +947,33 @@ fn origin(url: &str) -> &str {
     }
 }
 
+/// Whether `NO_PROXY` (or `no_proxy`) exempts `url`'s host: `*`, the host, or a domain suffix
+/// (`example.com` and `.example.com` both cover `hub.example.com`).
+fn no_proxy(url: &str) -> bool {
+    let list = std::env::var("NO_PROXY")
+        .or_else(|_| std::env::var("no_proxy"))
+        .unwrap_or_default();
+    let host = origin(url).split("://").nth(1).unwrap_or_default();
+    let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+        match port.bytes().all(|b| b.is_ascii_digit()) {
+            true => h,
+            false => host,
+        }
+    });
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|e| {
+            let e = e.trim_start_matches('.');
+            e == "*" || host == e || host.ends_with(&format!(".{e}"))
+        })
+}
+
 /// `snapshots/<commit>/<path>` → `../../[../]blobs/<etag>`, relative as `huggingface_hub` links
 /// it (a copy where symlinks are not available).
 fn link(blob: &Path, snap: &Path, path: &str) -> Result<()> {
     let dir = snap.parent().expect("snapshot file has a folder");
     fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
-    let _ = fs::remove_file(snap);
     let ups = 2 + path.matches('/').count();
     let mut target = PathBuf::new();
     for _ in 0..ups {
@@ -757,11 +981,21 @@ fn link(blob: &Path, snap: &Path, path: &str) -> Result<()> {
     }
     target.push("blobs");
     target.push(blob.file_name().expect("blob has a name"));
+    // Made under a name of this process's, then renamed over the old entry: never a moment
+    // without the file for another process reading the snapshot.
+    let name = snap.file_name().expect("snapshot file has a name");
+    let tmp = snap.with_file_name(format!(
+        "{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
     #[cfg(unix)]
-    let made = std::os::unix::fs::symlink(&target, snap);
+    let made = std::os::unix::fs::symlink(&target, &tmp);
     #[cfg(not(unix))]
-    let made = fs::copy(blob, snap).map(|_| ());
-    made.map_err(|e| write_error(snap, e))
+    let made = fs::copy(blob, &tmp).map(|_| ());
+    made.map_err(|e| write_error(&tmp, e))?;
+    fs::rename(&tmp, snap).map_err(|e| write_error(snap, e))
 }
 
 /// An exclusive lock on `.locks/<repo>/<etag>.lock` (where `huggingface_hub` takes it), held while
@@ -789,7 +1023,7 @@ fn write_file(p: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .expect("cache file has a name")
         .to_string_lossy();
-    let tmp = p.with_file_name(format!("{name}.tmp"));
+    let tmp = p.with_file_name(format!("{name}.{}.tmp", std::process::id()));
     fs::write(&tmp, bytes).map_err(|e| write_error(&tmp, e))?;
     fs::rename(&tmp, p).map_err(|e| write_error(p, e))
 }

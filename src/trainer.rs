@@ -99,7 +99,7 @@ fn load_items(path: &Path, cfg: &TrainConfig) -> Result<Vec<McqaItem>> {
         none_of_the_above: cfg.data.none_of_the_above,
         skip_invalid: cfg.data.skip_invalid,
     };
-    let ds = task::load(path, cfg.data.format, &opts)?;
+    let ds = task::load(&crate::hub::data_file(path)?, cfg.data.format, &opts)?;
     if let Some(c) = &cfg.data.category {
         if ds.items.is_empty() {
             bail!("{}: no items of data.category {c:?}", path.display());
@@ -128,7 +128,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn replica(cfg: TrainConfig, device: B::Device, world: World) -> Result<Self> {
         check_shardable(&cfg, world.size)?;
         cfg.require_paths()?;
-        let dir = &cfg.model.path;
+        let dir = &crate::hub::model_dir(&cfg.model.path)?;
         let (model_config, tok) = Tokenizer::for_model(dir)?;
         if let Some(spec) = cfg.lora.spec() {
             if spec.rank > model_config.hidden_size {
@@ -377,7 +377,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             SaveDtype::F32,
             5 << 30,
         )?;
-        ckpt::copy_tokenizer_files(&self.cfg.model.path, dir)?;
+        ckpt::copy_tokenizer_files(&crate::hub::model_dir(&self.cfg.model.path)?, dir)?;
         Ok(())
     }
 

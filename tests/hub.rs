@@ -50,6 +50,8 @@ struct FakeRepo {
     commit: String,
     files: BTreeMap<String, Vec<u8>>,
     gated: bool,
+    /// Earlier commits, still served (with today's files).
+    earlier: Vec<String>,
 }
 
 /// One request the server saw.
@@ -69,6 +71,8 @@ struct State {
     drop_after: Option<usize>,
     /// The next CDN answer flips a byte of the body.
     corrupt: bool,
+    /// The next CDN answer is 403 (a signed address that expired).
+    expire: bool,
     /// Old id → new id: a renamed repository (a relative 307, as the Hub sends).
     renamed: BTreeMap<String, String>,
 }
@@ -116,22 +120,32 @@ impl FakeHub {
         }
         let fixture =
             |f: &str| std::fs::read(repo_root().join("tests/fixtures/data").join(f)).unwrap();
-        let task: BTreeMap<String, Vec<u8>> = ["train.jsonl", "test.jsonl"]
+        let mut task: BTreeMap<String, Vec<u8>> = ["train.jsonl", "test.jsonl"]
             .iter()
             .map(|f| (f.to_string(), std::fs::read(demo.join(f)).unwrap()))
             .collect();
+        task.insert("empty.jsonl".into(), vec![]);
+        // An index whose shard names point outside the repository.
+        let mut evil = model.clone();
+        evil.remove("model.safetensors");
+        evil.insert(
+            "model.safetensors.index.json".into(),
+            br#"{"weight_map": {"a": "../../../../escape.safetensors"}}"#.to_vec(),
+        );
         let repo = |prefix, id: &str, n: u8, files: BTreeMap<String, Vec<u8>>, gated| FakeRepo {
             prefix,
             id: id.to_string(),
             commit: format!("{:040x}", 0xc0ffee_u64 * 1000 + n as u64),
             files,
             gated,
+            earlier: vec![],
         };
         let mut state = State {
             repos: vec![
                 repo("", "med-rlvr/demo-model", 1, model.clone(), false),
                 repo("", "med-rlvr/sharded", 2, sharded, false),
                 repo("", "med-rlvr/gated", 3, model, true),
+                repo("", "med-rlvr/evil", 7, evil, false),
                 repo("datasets/", "med-rlvr/demo-task", 4, task, false),
                 repo(
                     "datasets/",
@@ -263,6 +277,10 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Res
             .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
             .unwrap_or(0);
         let mut body = bytes[start.min(bytes.len())..].to_vec();
+        if std::mem::take(&mut st.expire) {
+            drop(st);
+            return respond("403 Forbidden", &[], b"Request has expired");
+        }
         if std::mem::take(&mut st.corrupt) && !body.is_empty() {
             body[0] ^= 0xff;
         }
@@ -322,11 +340,15 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, port: u16) -> std::io::Res
             b"gated",
         );
     }
-    if rev != "main" && rev != repo.commit {
+    if rev != "main" && rev != repo.commit && !repo.earlier.iter().any(|c| c == rev) {
         let code = ("X-Error-Code", "RevisionNotFound".to_string());
         return respond("404 Not Found", &[code], b"Invalid rev id");
     }
-    let commit = ("X-Repo-Commit", repo.commit.clone());
+    let served = match rev {
+        "main" => repo.commit.clone(),
+        c => c.to_string(),
+    };
+    let commit = ("X-Repo-Commit", served);
     let Some(bytes) = repo.files.get(file).cloned() else {
         let code = ("X-Error-Code", "EntryNotFound".to_string());
         return respond("404 Not Found", &[code, commit], b"Entry not found");
@@ -425,6 +447,37 @@ fn a_model_is_fetched_once_then_found_without_a_request() {
         let pinned = model(&format!("{id}@{commit}"));
         assert_eq!(offline.model_folder(&pinned).unwrap(), dir);
     }
+    // A cache filled by another tool has no .no_exist markers: offline, the optional files a
+    // snapshot lacks are absent, not an error.
+    let root = cache.join("models--med-rlvr--demo-model");
+    std::fs::remove_dir_all(root.join(".no_exist")).unwrap();
+    let offline = Hub {
+        offline: true,
+        ..hub.clone()
+    };
+    offline.model_folder(&model("med-rlvr/demo-model")).unwrap();
+    // `main` moves on while a run holds part of the old commit: the folder stays one commit.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let hub2 = server.hub(tmp2.path());
+    hub2.file(&model("med-rlvr/demo-model"), "config.json")
+        .unwrap();
+    let (old, new) = (
+        server.commit("med-rlvr/demo-model"),
+        format!("{:040x}", 0xbeef),
+    );
+    {
+        let mut st = server.state.lock().unwrap();
+        let r = st
+            .repos
+            .iter_mut()
+            .find(|r| r.id == "med-rlvr/demo-model")
+            .unwrap();
+        r.earlier.push(old.clone());
+        r.commit = new.clone();
+    }
+    let dir = hub2.model_folder(&model("med-rlvr/demo-model")).unwrap();
+    assert!(dir.ends_with(&old), "{}", dir.display());
+    assert!(dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file());
     // The token never went to the CDN host; the LFS files came from there.
     let seen = server.seen();
     assert!(seen.iter().any(|s| s.path.starts_with("/cdn/")));
@@ -489,6 +542,39 @@ fn the_medqa_and_mmlu_pro_hub_layouts_load() {
         );
     }
     assert!(Repo::data_path("data/train.jsonl").unwrap().is_none());
+    // Revisions with a slash: HfFileSystem's refs/convert and refs/pr forms, or percent-encoded.
+    for (spec, rev, path) in [
+        (
+            "hf://datasets/a/b@refs/convert/parquet/default/train/0.parquet",
+            "refs/convert/parquet",
+            "default/train/0.parquet",
+        ),
+        (
+            "hf://datasets/a/b@refs/pr/7/x.jsonl",
+            "refs/pr/7",
+            "x.jsonl",
+        ),
+        (
+            "hf://datasets/a/b@refs%2Fpr%2F7/x.jsonl",
+            "refs/pr/7",
+            "x.jsonl",
+        ),
+    ] {
+        let (r, p) = Repo::data_path(spec).unwrap().unwrap();
+        assert_eq!((r.revision.as_str(), p.as_str()), (rev, path), "{spec}");
+    }
+    for bad in [
+        "hf://datasets/a/b@../../x/y.jsonl",
+        "hf://datasets/a/b@%2E%2E/y.jsonl",
+    ] {
+        assert!(Repo::data_path(bad).is_err(), "{bad}");
+    }
+    assert!(Repo::model("a/b@../../../tmp").is_none());
+    // An empty file is a file.
+    let (r, p) = Repo::data_path("hf://datasets/med-rlvr/demo-task/empty.jsonl")
+        .unwrap()
+        .unwrap();
+    assert_eq!(std::fs::read(hub.file(&r, &p).unwrap()).unwrap().len(), 0);
     // What is a model id: never a path that starts with . or /, never three parts.
     for (s, id) in [
         ("Qwen/Qwen2.5-3B", true),
@@ -535,6 +621,20 @@ fn a_dropped_connection_resumes_and_a_corrupt_download_is_never_kept() {
         .filter_map(|s| s.range.clone())
         .collect();
     assert_eq!(ranges, vec!["bytes=100000-".to_string()]);
+    // An expired download address (403 from the CDN): a fresh one from the Hub, then the file.
+    let tmp2 = tempfile::tempdir().unwrap();
+    server.state.lock().unwrap().expire = true;
+    let before = server.seen().len();
+    let f = server
+        .hub(tmp2.path())
+        .file(&model(id), "model.safetensors")
+        .unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), want);
+    let heads = server.seen()[before..]
+        .iter()
+        .filter(|s| s.method == "HEAD")
+        .count();
+    assert_eq!(heads, 2);
 }
 
 #[test]
@@ -568,7 +668,15 @@ fn errors_say_what_to_do() {
                 }
                 .model_folder(&model("med-rlvr/gated")),
             ),
-            &["gated", "403", "the token in HF_TOKEN"],
+            &["gated", "403", "the token (HF_TOKEN"],
+        ),
+        (
+            "shard names outside the repository",
+            err_text(hub.model_folder(&model("med-rlvr/evil"))),
+            &[
+                "weight_map names the shard",
+                "not a file inside the repository",
+            ],
         ),
         (
             "unknown revision (404 RevisionNotFound)",
@@ -661,6 +769,12 @@ fn med_rlvr(
         "HF_HUB_CACHE",
         "HUGGINGFACE_HUB_CACHE",
         "XDG_CACHE_HOME",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
     ] {
         c.env_remove(k);
     }
@@ -751,8 +865,12 @@ fn train_by_hub_ids_then_the_second_run_asks_nothing_and_the_errors_table() {
                 // HEAD + GET of config and tokenizer; HEAD of the two optional configs and of the
                 // index (absent); HEAD of the weights + GET from the CDN; HEAD + GET of each data file.
                 assert_eq!(asked.len(), 13, "{asked:?}");
+                // The first file names the revision asked for, the rest the commit it resolved to.
                 assert!(
-                    stderr.contains("fetching med-rlvr/demo-model model.safetensors"),
+                    stderr
+                        .lines()
+                        .any(|l| l.starts_with("fetching med-rlvr/demo-model@")
+                            && l.contains(" model.safetensors (")),
                     "{stderr}"
                 );
                 assert!(
@@ -771,6 +889,20 @@ fn train_by_hub_ids_then_the_second_run_asks_nothing_and_the_errors_table() {
         }
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         assert_eq!(metrics.lines().count(), 1);
+        // The run records the ids pinned to the commits it used.
+        let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+        let commit = server.commit("med-rlvr/demo-model");
+        assert!(
+            config.contains(&format!("path = \"med-rlvr/demo-model@{commit}\"")),
+            "{config}"
+        );
+        let task = server.commit("med-rlvr/demo-task");
+        assert!(
+            config.contains(&format!(
+                "hf://datasets/med-rlvr/demo-task@{task}/train.jsonl"
+            )),
+            "{config}"
+        );
     }
     // The error table: case → first line of the message, exit status.
     let offline_home = tmp.path().join("empty-hf");

@@ -21,6 +21,7 @@ pub(crate) fn run(a: PlanArgs) -> Result<()> {
     }
     // A hub id: its config.json alone (no weights).
     let m = &med_rlvr::hub::model_config_dir(&cfg.model.path)?;
+    cfg.data.train = med_rlvr::hub::data_file(&cfg.data.train)?;
     let (geometry, dir) = if m.is_file() {
         (
             Qwen2Config::from_file(m)?,

@@ -26,7 +26,9 @@ pub(crate) fn run<B: AutodiffBackend>(mut a: SftArgs, device: &B::Device) -> Res
             bail!("--lr {lr:e} is given twice: each learning rate writes one run folder");
         }
     }
-    a.model = med_rlvr::hub::model_dir(&a.model)?;
+    // A hub id is recorded pinned (`OWNER/NAME@<commit>`) in the adapter's config.
+    let base_spec = med_rlvr::hub::pin_model(&a.model)?;
+    a.model = med_rlvr::hub::model_dir(&base_spec)?;
     a.data = med_rlvr::hub::data_file(&a.data)?;
     let ds = med_rlvr::task::load(&a.data, a.format, &opts)?;
     if ds.items.is_empty() {
@@ -116,7 +118,7 @@ pub(crate) fn run<B: AutodiffBackend>(mut a: SftArgs, device: &B::Device) -> Res
             .with_context(|| format!("{}: cannot write", metrics_path.display()))?;
         let dir = out.join("final");
         if let Some(spec) = &lora {
-            qwen2_burn::save_lora(&trained, spec, Some(&a.model), &out.join("final_adapter"))?;
+            qwen2_burn::save_lora(&trained, spec, Some(&base_spec), &out.join("final_adapter"))?;
         }
         qwen2_burn::save_qwen2(
             &trained.valid().merge_lora(),

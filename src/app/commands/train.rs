@@ -38,11 +38,13 @@ pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result
         }
     }
     cfg.require_paths()?;
-    // Hub ids and hf:// paths become folders and files of the Hugging Face cache.
-    cfg.model.path = med_rlvr::hub::model_dir(&cfg.model.path)?;
-    cfg.data.train = med_rlvr::hub::data_file(&cfg.data.train)?;
+    // Hub ids and hf:// paths: fetched into the Hugging Face cache and pinned to their commit
+    // (`Qwen/Qwen2.5-3B@<commit>`), which the run's config.toml and adapters then record.
+    use med_rlvr::hub;
+    cfg.model.path = hub::pin_model(&cfg.model.path)?;
+    cfg.data.train = hub::pin_data(&cfg.data.train)?;
     if let Some(e) = cfg.data.eval.take() {
-        cfg.data.eval = Some(med_rlvr::hub::data_file(&e)?);
+        cfg.data.eval = Some(hub::pin_data(&e)?);
     }
     if let Some(k) = a.save_every {
         cfg.train.save_every = k;
@@ -61,11 +63,16 @@ pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result
             eprintln!("warning: resuming with a changed setting: {d}");
         }
     }
+    let (model_dir, train_file) = (
+        hub::model_dir(&cfg.model.path)?,
+        hub::data_file(&cfg.data.train)?,
+    );
+    let eval_file = cfg.data.eval.as_deref().map(hub::data_file).transpose()?;
     let mut inputs = vec![
-        ("model.path", cfg.model.path.as_path()),
-        ("data.train", cfg.data.train.as_path()),
+        ("model.path", model_dir.as_path()),
+        ("data.train", train_file.as_path()),
     ];
-    if let Some(e) = &cfg.data.eval {
+    if let Some(e) = &eval_file {
         inputs.push(("data.eval", e.as_path()));
     }
     let out =
