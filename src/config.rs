@@ -178,6 +178,11 @@ pub struct PpoConfig {
     pub train_batch: usize,
     /// Samples per forward/backward (gradient accumulation inside a train batch).
     pub micro_batch: usize,
+    /// Padded tokens per forward/backward instead of `micro_batch` samples when above 0 (verl's
+    /// `use_dynamic_bsz`): a mini-batch's sequences grouped by length into micro-batches of
+    /// `rows × width ≤ micro_batch_tokens` (a longer sequence alone), so short replies are not
+    /// padded to long ones. The loss weights are unchanged: the same gradient as any split.
+    pub micro_batch_tokens: usize,
     /// Padded tokens per no-grad forward (reference log-probs, critic values): sequences are
     /// grouped by length into batches of `rows × width ≤ forward_tokens`, independent of
     /// `micro_batch`. Memory only; no effect on the numbers.
@@ -293,6 +298,7 @@ impl Default for PpoConfig {
             ppo_epochs: 1,
             train_batch: 128,
             micro_batch: 8,
+            micro_batch_tokens: 0,
             forward_tokens: 8192,
             rollout_is_cap: None,
             eps_low: 0.2,
@@ -452,6 +458,7 @@ impl TrainConfig {
         count("ppo.ppo_epochs", p.ppo_epochs, 1, 1000);
         count("ppo.train_batch", p.train_batch, 1, 1 << 30);
         count("ppo.micro_batch", p.micro_batch, 1, 1 << 30);
+        count("ppo.micro_batch_tokens", p.micro_batch_tokens, 0, 1 << 32);
         count("ppo.forward_tokens", p.forward_tokens, 1, 1 << 32);
         count("train.keep_checkpoints", t.keep_checkpoints, 1, 1 << 20);
         count("train.max_bad_steps", t.max_bad_steps, 1, 1 << 20);

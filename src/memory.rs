@@ -83,6 +83,8 @@ pub struct PlanInputs {
     pub prompt_len: usize,
     pub max_new_tokens: usize,
     pub micro_batch: usize,
+    /// Padded tokens per micro-batch instead of `micro_batch` samples (0: off).
+    pub micro_batch_tokens: usize,
     pub logprob_chunk: usize,
     /// Layer-by-layer recomputation in the update (`model.recompute`).
     pub recompute: bool,
@@ -116,6 +118,7 @@ impl PlanInputs {
             prompt_len,
             max_new_tokens: cfg.rollout.max_new_tokens,
             micro_batch: cfg.ppo.micro_batch,
+            micro_batch_tokens: cfg.ppo.micro_batch_tokens,
             logprob_chunk: cfg.model.logprob_chunk,
             recompute: cfg.model.recompute,
             base_bytes: match cfg.lora.spec() {
@@ -271,8 +274,13 @@ impl MemoryPlan {
             "experience",
             "ppo.forward_tokens",
         );
-        let (mb, s) = (p.micro_batch as u128, pl + n);
-        let t = mb * s;
+        // A micro-batch: `micro_batch` sequences of the longest length, or under a token budget
+        // as many of them as fit (at least one).
+        let s = pl + n;
+        let (mb, t) = match p.micro_batch_tokens as u128 {
+            0 => (p.micro_batch as u128, p.micro_batch as u128 * s),
+            budget => ((budget / s.max(1)).max(1), (budget / s.max(1)).max(1) * s),
+        };
         let layers = c.num_hidden_layers as u128;
         let i = c.intermediate_size as u128;
         // A bf16 base also keeps each projection's bf16 input for the backward: q, k, v, o, gate

@@ -43,6 +43,16 @@ pub struct SamplingParams {
     /// waiting row (continuous batching). Samples do not depend on it.
     #[serde(default)]
     pub max_rows: usize,
+    /// Prefill a prompt once for all its samples that start together and copy its KV-cache rows
+    /// to them (default), instead of once per sample: `n` times fewer prefill tokens at `n`
+    /// samples per prompt. Samples are the same either way (`bench --rollout --no-share-prefill`
+    /// compares the cost).
+    #[serde(default = "shared")]
+    pub share_prefill: bool,
+}
+
+fn shared() -> bool {
+    true
 }
 
 impl SamplingParams {
@@ -69,6 +79,7 @@ impl Default for SamplingParams {
             seed: 0,
             compact: true,
             max_rows: 0,
+            share_prefill: true,
         }
     }
 }
@@ -145,6 +156,9 @@ pub struct RolloutStats {
     pub decode_steps: usize,
     /// Prefill passes: the first batch, then one per refill of freed rows.
     pub prefills: usize,
+    /// Token positions the prefill passes ran (left padding included): with a shared prefill,
+    /// each prompt's once per pass, not once per sample.
+    pub prefill_tokens: usize,
     /// Rows of the widest decode step.
     pub max_rows: usize,
     /// Token choices made (rows that chose, summed over steps).
@@ -233,17 +247,13 @@ pub fn rollout<B: Backend>(
         0 => total,
         m => m.min(total),
     };
-    let mut cache = KvCache::<B>::new(
-        config,
-        rows,
-        cache_columns(width, params.max_new_tokens, rows < total),
-        device,
-    );
+    let columns = cache_columns(width, params.max_new_tokens, rows < total);
     // The first batch is padded to the widest prompt of the whole call, so every later prompt
     // fits before the shared write position (which never falls below `width`).
     let first: Vec<Row> = queue.drain(..rows).collect();
-    let mut last = prefill(model, &first, width, &mut cache, device);
-    stats.prefills += 1;
+    let (mut last, mut cache) = prefill(
+        model, config, &first, width, columns, params, &mut stats, device,
+    );
     let mut slots: Vec<Option<Row>> = first
         .into_iter()
         .map(|mut r| {
@@ -338,9 +348,8 @@ pub fn rollout<B: Backend>(
         if !free.is_empty() && !queue.is_empty() {
             let joiners: Vec<Row> = queue.drain(..free.len().min(queue.len())).collect();
             let w = joiners.iter().map(|r| r.prompt.len()).max().unwrap_or(1);
-            let mut fresh = KvCache::<B>::new(config, joiners.len(), w, device);
-            let first_hidden = prefill(model, &joiners, w, &mut fresh, device);
-            stats.prefills += 1;
+            let (first_hidden, fresh) =
+                prefill(model, config, &joiners, w, w, params, &mut stats, device);
             cache.write_rows(&free[..joiners.len()], &fresh);
             for (k, (&slot, mut row)) in free.iter().zip(joiners).enumerate() {
                 row.start = cache.len() - row.prompt.len();
@@ -362,20 +371,45 @@ pub fn cache_columns(prompt_len: usize, max_new_tokens: usize, refills: bool) ->
     prompt_len + max_new_tokens * if refills { 2 } else { 1 }
 }
 
-/// Prefills `rows`' prompts, left-padded to `width`, into `cache`; returns the last column's
-/// hidden state `[rows, 1, hidden]` (it predicts each row's first new token).
+/// Prefills `rows`' prompts, left-padded to `width`, into a new cache of `columns` columns;
+/// returns the last column's hidden state `[rows, 1, hidden]` (it predicts each row's first new
+/// token) and the cache. With `params.share_prefill`, rows of one prompt (its samples) share one
+/// prefilled row: each distinct prompt runs once, and its cache row and hidden state are copied
+/// to its samples.
+#[allow(clippy::too_many_arguments)]
 fn prefill<B: Backend>(
     model: &Qwen2<B>,
+    config: &Qwen2Config,
     rows: &[Row],
     width: usize,
-    cache: &mut KvCache<B>,
+    columns: usize,
+    params: &SamplingParams,
+    stats: &mut RolloutStats,
     device: &B::Device,
-) -> Tensor<B, 3> {
-    let b = rows.len();
+) -> (Tensor<B, 3>, KvCache<B>) {
+    // `of[i]`: the prefilled row that row `i` copies.
+    let mut distinct: Vec<&Row> = Vec::with_capacity(rows.len());
+    let mut of = Vec::with_capacity(rows.len());
+    for r in rows {
+        let same = |d: &&Row| d.out.prompt_index == r.out.prompt_index;
+        match distinct
+            .iter()
+            .position(same)
+            .filter(|_| params.share_prefill)
+        {
+            Some(k) => of.push(k),
+            None => {
+                of.push(distinct.len());
+                distinct.push(r);
+            }
+        }
+    }
+    let b = distinct.len();
+    let mut cache = KvCache::<B>::new(config, b, columns, device);
     let mut tokens = Vec::with_capacity(b * width);
     let mut positions = Vec::with_capacity(b * width);
     let mut valid = Vec::with_capacity(b * width);
-    for r in rows {
+    for r in &distinct {
         let (p, pad) = (r.prompt, width - r.prompt.len());
         tokens.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().map(|&t| t as i64)));
         positions.extend(std::iter::repeat_n(1i64, pad).chain(0..p.len() as i64));
@@ -385,10 +419,19 @@ fn prefill<B: Backend>(
         Tensor::from_data(TensorData::new(tokens, [b, width]), device),
         Tensor::from_data(TensorData::new(positions, [b, width]), device),
         Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [b, width]), device),
-        Some(cache),
+        Some(&mut cache),
     );
+    stats.prefills += 1;
+    stats.prefill_tokens += b * width;
     let h = hidden.dims()[2];
-    hidden.slice([0..b, width - 1..width, 0..h])
+    let mut last = hidden.slice([0..b, width - 1..width, 0..h]);
+    if b < rows.len() {
+        cache.retain_rows(&of);
+        let idx: Vec<i64> = of.iter().map(|&k| k as i64).collect();
+        let n = idx.len();
+        last = last.select(0, Tensor::from_data(TensorData::new(idx, [n]), device));
+    }
+    (last, cache)
 }
 
 /// Why a row whose outputs are `ids` ends now, if it does: a stop token, a stop string completed

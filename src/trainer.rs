@@ -288,8 +288,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .seed
                 .wrapping_mul(1_000_003)
                 .wrapping_add(self.step as u64),
-            compact: true,
-            max_rows: 0,
+            ..Default::default()
         }
     }
 

@@ -271,3 +271,51 @@ fn production_defaults_equal_the_kept_graph_on_a_bf16_base() {
     }
     assert!(on.grad_norm > 0.0 && on.critic_grad_norm > 0.0);
 }
+
+/// Token-budget micro-batches (`ppo.micro_batch_tokens`, verl's `use_dynamic_bsz`): sequences
+/// grouped by length under the budget instead of `ppo.micro_batch` samples; the loss weights are
+/// the same, so a step has the sample-count split's losses and gradients, with the critic, for
+/// both aggregations. The gradients are compared through the weights after one optimizer step
+/// made linear in them (AdamW's ε = 1 ≫ |g|, lr 1: Δw = −g/(|g|·c + 1) ≈ −g); with the default
+/// ε, Adam's division by √v would magnify the summation-order noise of entries that cancel.
+#[test]
+fn token_budget_micro_batches_give_the_gradient_of_the_sample_count_split() {
+    for agg in ["seq-mean-token-mean", "token-mean"] {
+        let agg = format!("ppo.loss_agg=\"{agg}\"");
+        // One epoch of one mini-batch: one gradient, at the same weights.
+        let sgd_like = [
+            agg.as_str(),
+            "ppo.ppo_epochs=1",
+            "optim.eps=1.0",
+            "optim.actor_lr=1.0",
+            "optim.critic_lr=1.0",
+        ];
+        let (by_count, a) = run::<B>(&sgd_like, 1);
+        let budget = [&sgd_like[..], &["ppo.micro_batch_tokens=250"]].concat();
+        let (by_tokens, b) = run::<B>(&budget, 1);
+        let (a, b) = (&a[0], &b[0]);
+        assert_eq!(a.reward_mean, b.reward_mean, "the same rollout");
+        let pairs = [
+            ("policy loss", b.policy_loss, a.policy_loss),
+            ("value loss", b.value_loss, a.value_loss),
+            ("actor gradient norm", b.grad_norm, a.grad_norm),
+            (
+                "critic gradient norm",
+                b.critic_grad_norm,
+                a.critic_grad_norm,
+            ),
+        ];
+        for (what, got, want) in pairs {
+            common::assert_close(what, &[got], &[want], 1e-6 * want.abs().max(1.0));
+        }
+        let actor = common::assert_close(
+            "actor",
+            &weights(&by_tokens.actor),
+            &weights(&by_count.actor),
+            1e-6,
+        );
+        let critic = |t: &Trainer<B>| weights(t.critic.as_ref().unwrap());
+        let critic = common::assert_close("critic", &critic(&by_tokens), &critic(&by_count), 1e-6);
+        eprintln!("{agg}: largest weight difference actor {actor:.1e}, critic {critic:.1e}");
+    }
+}

@@ -433,6 +433,55 @@ fn masking_finished_rows_gives_the_same_samples_as_compacting_them<B: Backend>()
     }
 }
 
+/// A prompt prefilled once for its samples (the default) gives the samples of one prefill per
+/// sample, at 1/n of the prefill tokens when all start together; also under continuous batching
+/// (refills) and with finished rows masked.
+fn a_shared_prefill_gives_the_samples_of_one_prefill_per_sample<B: Backend>() {
+    let (c, m) = load::<B>("tied-bf16-sharded");
+    let dev = Default::default();
+    let params = SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 10,
+        n: 3,
+        seed: 13,
+        stop_token_ids: (0..40).collect(),
+        ..Default::default()
+    };
+    for (max_rows, compact) in [(0, true), (4, true), (5, false)] {
+        let p = SamplingParams {
+            max_rows,
+            compact,
+            ..params.clone()
+        };
+        let (shared, s1) = sampler::rollout(&m, &c, &prompts(), 0, &p, &NoDetokenizer, &dev);
+        let separate = SamplingParams {
+            share_prefill: false,
+            ..p.clone()
+        };
+        let (apart, s2) = sampler::rollout(&m, &c, &prompts(), 0, &separate, &NoDetokenizer, &dev);
+        assert_eq!(shared.len(), 9);
+        assert_eq!(shared.len(), apart.len());
+        for (a, b) in shared.iter().zip(&apart) {
+            assert_eq!(
+                (a.prompt_index, a.sample_index),
+                (b.prompt_index, b.sample_index)
+            );
+            assert_eq!(a.output_ids, b.output_ids, "rows={max_rows}");
+            assert_eq!(a.finish_reason, b.finish_reason);
+            common::assert_close("log-probs", &a.logprobs, &b.logprobs, 1e-4);
+        }
+        let lens: std::collections::HashSet<usize> =
+            shared.iter().map(|s| s.output_ids.len()).collect();
+        assert!(lens.len() > 1, "want ragged lengths, got {lens:?}");
+        if max_rows == 0 {
+            // 3 prompts × 3 samples in one pass, padded to the widest prompt (9 tokens).
+            assert_eq!((s1.prefill_tokens, s2.prefill_tokens), (27, 81));
+        } else {
+            assert!(s1.prefill_tokens < s2.prefill_tokens, "{s1:?} vs {s2:?}");
+        }
+    }
+}
+
 per_backend!(
     device_greedy_matches_transformers_greedy,
     greedy_alone_equals_inside_a_padded_batch,
@@ -444,4 +493,5 @@ per_backend!(
     stop_strings_are_kept_and_end_the_row,
     same_seed_same_samples_and_n_per_prompt,
     masking_finished_rows_gives_the_same_samples_as_compacting_them,
+    a_shared_prefill_gives_the_samples_of_one_prefill_per_sample,
 );

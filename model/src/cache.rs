@@ -100,7 +100,8 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// Keeps only the given rows, in that order (used to drop finished sequences so they stop
-    /// costing compute).
+    /// costing compute); a row named more than once is copied (a prompt prefilled once for its
+    /// samples).
     pub fn retain_rows(&mut self, rows: &[usize]) {
         let device = self.valid.device();
         let idx = Tensor::<B, 1, Int>::from_data(

@@ -41,6 +41,11 @@ pub struct RolloutBench {
     /// Decode passes, prefill passes, and the bytes read back from the device (all calls).
     pub decode_steps: usize,
     pub prefills: usize,
+    /// `shared` (each prompt prefilled once for its samples) or `per sample`, the token positions
+    /// the prefills ran (padding included), and those per sample.
+    pub prefill: &'static str,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_sample: f64,
     pub bytes_read: usize,
     /// Bytes read back per token choice: O(1), not O(vocab).
     pub bytes_per_row_step: f64,
@@ -148,6 +153,8 @@ pub struct RolloutShape {
     pub max_rows: usize,
     /// Cut the rows into sampler calls of `max_rows` instead of continuous batching.
     pub slices: bool,
+    /// Prefill every sample's prompt on its own (the cost before shared prefill).
+    pub prefill_per_sample: bool,
 }
 
 /// `prompts × n` samples (temperature 1) through the sampler: exactly `new_tokens` each, or of
@@ -176,6 +183,7 @@ pub fn rollout<B: Backend>(
         stop_token_ids,
         compact: !shape.mask,
         max_rows: shape.max_rows,
+        share_prefill: !shape.prefill_per_sample,
         ..Default::default()
     };
     let _ = sampler::generate(
@@ -209,6 +217,7 @@ pub fn rollout<B: Backend>(
         generated += samples.iter().map(|s| s.output_ids.len()).sum::<usize>();
         stats.decode_steps += s.decode_steps;
         stats.prefills += s.prefills;
+        stats.prefill_tokens += s.prefill_tokens;
         stats.row_steps += s.row_steps;
         stats.bytes_read += s.bytes_read;
     }
@@ -227,6 +236,13 @@ pub fn rollout<B: Backend>(
         generated_tok_s: generated as f64 / seconds,
         decode_steps: stats.decode_steps,
         prefills: stats.prefills,
+        prefill: if shape.prefill_per_sample {
+            "per sample"
+        } else {
+            "shared"
+        },
+        prefill_tokens: stats.prefill_tokens,
+        prefill_tokens_per_sample: stats.prefill_tokens as f64 / (prompts * n).max(1) as f64,
         bytes_read: stats.bytes_read,
         bytes_per_row_step: stats.bytes_per_row_step(),
     }
@@ -441,6 +457,7 @@ pub fn update<B: AutodiffBackend>(
         prompt_len,
         max_new_tokens: response_len,
         micro_batch: batch,
+        micro_batch_tokens: 0,
         logprob_chunk: chunk,
         recompute,
         base_bytes: 4,

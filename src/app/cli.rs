@@ -428,6 +428,10 @@ pub struct BenchArgs {
     /// Rollout: one sampler call per --max-rows rows instead of continuous batching.
     #[arg(long)]
     pub slices: bool,
+    /// Rollout: prefill each sample's prompt on its own instead of once per prompt (the cost
+    /// before shared prefill; the samples are the same).
+    #[arg(long)]
+    pub no_share_prefill: bool,
     /// Weights in `f32` or `bf16` (embedding and projections stored and multiplied in bf16, as
     /// `model.base_dtype = "bf16"`; logits and sampling in f32). bf16 needs cuda or flex.
     #[arg(long, value_enum, default_value = "f32")]

@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use super::{scalar, Fault, Trainer};
 use crate::critic::Critic;
-use crate::experience::{grid_tensor, pad_rows, ragged, Batch, Experience};
+use crate::experience::{grid_tensor, pad_rows, ragged, token_budget_groups, Batch, Experience};
 use crate::loss;
 use crate::optimizer::{clip_global_norm, cosine_lr};
 use crate::parallel::World;
@@ -176,7 +176,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             critic: GradientsAccumulator::new(),
         };
         let mut local_fault = None;
-        for rows in mine.chunks(self.cfg.ppo.micro_batch) {
+        for rows in &self.micro_batches(exps, &mine) {
             let weight = match (idle, self.cfg.ppo.loss_agg) {
                 (true, _) => 0.0,
                 (false, loss::Aggregation::SeqMeanTokenMean) => {
@@ -208,6 +208,28 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.opt_step += 1;
         out.optimizer_steps += 1;
         Ok(None)
+    }
+
+    /// This replica's members of a mini-batch cut into micro-batches: `ppo.micro_batch` samples
+    /// each, or, with `ppo.micro_batch_tokens`, groups of similar length under that many padded
+    /// tokens ([`token_budget_groups`]). The split changes memory and speed, not the gradient.
+    fn micro_batches(&self, exps: &[Experience], mine: &[usize]) -> Vec<Vec<usize>> {
+        match self.cfg.ppo.micro_batch_tokens {
+            0 => mine
+                .chunks(self.cfg.ppo.micro_batch)
+                .map(<[usize]>::to_vec)
+                .collect(),
+            budget => {
+                let lens: Vec<(usize, usize)> = mine
+                    .iter()
+                    .map(|&i| (exps[i].sample.prompt.len(), exps[i].sample.response.len()))
+                    .collect();
+                token_budget_groups(&lens, budget)
+                    .into_iter()
+                    .map(|g| g.into_iter().map(|k| mine[k]).collect())
+                    .collect()
+            }
+        }
     }
 
     /// One micro-batch (`rows` of `exps`): the clipped policy loss (plus the k3 KL loss with

@@ -78,6 +78,7 @@ pub(crate) fn run<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Resul
                 mask: a.mask,
                 max_rows: a.max_rows,
                 slices: a.slices,
+                prefill_per_sample: a.no_share_prefill,
             },
             device,
         ))?

@@ -48,8 +48,8 @@ pub(crate) fn run<B: Backend>(mut a: GenerateArgs, device: &B::Device) -> Result
         stop_strings: a.stop.clone(),
         n: a.n,
         seed: a.seed,
-        compact: true,
         max_rows: a.batch_size.max(1) * a.n.max(1),
+        ..Default::default()
     };
     let encoded = texts
         .iter()
