@@ -186,8 +186,8 @@ impl Repo {
     }
 }
 
-/// Whether `p` would be fetched from the Hub: an `hf://` path, or a model id that is not a local
-/// path (a local folder of that name wins).
+/// Whether `p` would be fetched from the Hub: an `hf://datasets/` path, or a model id that is not
+/// a local path (a local folder of that name wins).
 pub fn is_remote(p: &Path) -> bool {
     let s = p.to_string_lossy();
     s.starts_with(DATA_PREFIX) || (!p.exists() && Repo::model(&s).is_some())
