@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::advantages::KlEstimator;
 use crate::estimator::Estimator;
-use crate::loss::Aggregation;
+use crate::loss::{Aggregation, RatioLevel};
 use crate::prompt::PromptStyle;
 use crate::task::DataFormat;
 use crate::verifier::VerifierConfig;
@@ -47,6 +47,11 @@ pub struct RewardConfig {
     pub program: Vec<String>,
     /// Seconds to wait for each answer before the run stops (with a checkpoint).
     pub timeout_s: f64,
+    /// DAPO's overlong reward shaping: the last `overlong_buffer` tokens before
+    /// `rollout.max_new_tokens` are a zone where the reward falls linearly, to
+    /// `−overlong_penalty` at the limit ([`crate::reward::overlong_penalty`]); 0 = off.
+    pub overlong_buffer: usize,
+    pub overlong_penalty: f64,
 }
 
 impl Default for RewardConfig {
@@ -54,6 +59,8 @@ impl Default for RewardConfig {
         Self {
             program: vec![],
             timeout_s: 60.0,
+            overlong_buffer: 0,
+            overlong_penalty: 1.0,
         }
     }
 }
@@ -167,6 +174,14 @@ pub struct RolloutConfig {
     /// Prompts per sampler call (bounds the rollout's KV cache); 0 = all of a step's prompts.
     /// Samples do not depend on it.
     pub generate_batch: usize,
+    /// DAPO's dynamic sampling (verl's `filter_groups`): a prompt whose `n` samples all got the
+    /// same reward carries no advantage under group normalisation, so its group is dropped and
+    /// more prompts are drawn until the step holds `prompts_per_step` groups with differing
+    /// rewards, or `max_draws` batches were drawn (then dropped groups fill the rest).
+    pub filter_groups: bool,
+    /// Batches of `prompts_per_step` prompts drawn per step at most under `filter_groups`
+    /// (verl's `max_num_gen_batches`).
+    pub max_draws: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +210,12 @@ pub struct PpoConfig {
     pub rollout_is_cap: Option<f64>,
     pub eps_low: f64,
     pub eps_high: f64,
+    /// Where the clipped ratio is taken: `"token"` (PPO), `"sequence"` (GSPO) or
+    /// `"sequence-token"` (GSPO-token); see [`RatioLevel`].
+    pub ratio_level: RatioLevel,
+    /// DAPO's overlong filtering (TRL's `mask_truncated_completions`): samples cut at
+    /// `rollout.max_new_tokens` are left out of the losses (and of their normalisers).
+    pub mask_truncated: bool,
     /// Value clip `c`, or `"off"`: the unclipped value loss `½·agg((V − G)²)`.
     #[serde(with = "number_or_off")]
     pub value_clip: Option<f64>,
@@ -287,6 +308,8 @@ impl Default for RolloutConfig {
             top_k: 0,
             stop: None,
             generate_batch: 0,
+            filter_groups: false,
+            max_draws: 4,
         }
     }
 }
@@ -303,6 +326,8 @@ impl Default for PpoConfig {
             rollout_is_cap: None,
             eps_low: 0.2,
             eps_high: 0.2,
+            ratio_level: RatioLevel::Token,
+            mask_truncated: false,
             value_clip: Some(0.2),
             gamma: 1.0,
             lambda: 1.0,
@@ -454,6 +479,7 @@ impl TrainConfig {
         count("rollout.prompts_per_step", r.prompts_per_step, 1, 1 << 20);
         count("rollout.n", r.n, 1, 1024);
         count("rollout.max_new_tokens", r.max_new_tokens, 1, 1 << 20);
+        count("rollout.max_draws", r.max_draws, 1, 1 << 20);
         count("model.logprob_chunk", self.model.logprob_chunk, 1, 1 << 20);
         count("ppo.ppo_epochs", p.ppo_epochs, 1, 1000);
         count("ppo.train_batch", p.train_batch, 1, 1 << 30);
@@ -511,6 +537,11 @@ impl TrainConfig {
             real("model.memory_limit_gb", gb, Above(0.0));
         }
         real("reward.timeout_s", self.reward.timeout_s, Above(0.0));
+        real(
+            "reward.overlong_penalty",
+            self.reward.overlong_penalty,
+            AtLeast(0.0),
+        );
         if self.lora.rank > 0 {
             real("lora.alpha", self.lora.alpha, Above(0.0));
         }
@@ -552,6 +583,25 @@ impl TrainConfig {
                 "model.base_dtype = \"bf16\" stores the frozen base of LoRA training; set \
                  lora.rank > 0, or model.base_dtype = \"f32\" for full fine-tuning"
                     .into(),
+            ));
+        }
+        if r.filter_groups && r.n < 2 {
+            v.push(Problem::new(
+                &["rollout.filter_groups", "rollout.n"],
+                "rollout.filter_groups compares the rewards of a prompt's samples: it needs \
+                 rollout.n >= 2"
+                    .into(),
+            ));
+        }
+        let rw = &self.reward;
+        if rw.overlong_buffer > r.max_new_tokens {
+            v.push(Problem::new(
+                &["reward.overlong_buffer", "rollout.max_new_tokens"],
+                format!(
+                    "reward.overlong_buffer = {} exceeds rollout.max_new_tokens = {}: the \
+                     penalty zone is the last overlong_buffer tokens before the limit",
+                    rw.overlong_buffer, r.max_new_tokens
+                ),
             ));
         }
         if p.estimator.needs_groups && r.n < 2 {

@@ -31,6 +31,8 @@ pub struct Evaluated {
     pub old_values: Vec<f64>,
     /// The sequence reward.
     pub reward: f64,
+    /// Cut at `rollout.max_new_tokens` (left out of the losses with `ppo.mask_truncated`).
+    pub truncated: bool,
 }
 
 /// An evaluated sample with its advantages and returns (what the `advantages` phase produces):

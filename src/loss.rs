@@ -30,25 +30,84 @@ pub fn aggregate<B: Backend>(
     }
 }
 
-/// Clipped surrogate: `ρ = exp(log π − log π_old)` (log-ratio clamped to ±`max_log_ratio` before the
-/// exp), per token `−w·min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)`, aggregated, with `w` the
-/// truncated importance weights ([`truncated_is_weights`], constants) or 1. Returns the loss and
-/// the clip fraction (share of valid tokens where the clipped branch was taken).
-#[allow(clippy::too_many_arguments)]
+/// Where the importance ratio of the clipped surrogate is taken (`ppo.ratio_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RatioLevel {
+    /// PPO's per-token ratio `ρ_t = π(y_t)/π_old(y_t)`.
+    #[default]
+    Token,
+    /// GSPO (Zheng et al. 2025, eq. 5–7): one ratio per sequence, the geometric mean of its token
+    /// ratios `s_i = (π(y_i)/π_old(y_i))^(1/|y_i|) = exp(mean_t log ρ_t)`, clipped as one; its
+    /// gradient is `s_i·mean_t ∇log π(y_t)`. Meant for one advantage per sequence (GRPO-style).
+    Sequence,
+    /// GSPO-token (eq. 13): `s_{i,t} = sg[s_i]·π(y_t)/sg[π(y_t)]`, the value of `s_i` with token
+    /// `t`'s own gradient, so per-token advantages are allowed; with one advantage per sequence
+    /// it equals [`RatioLevel::Sequence`] in value and gradient (verl's "gspo").
+    SequenceToken,
+}
+
+/// The clipped surrogate's settings: `ppo.eps_low`, `ppo.eps_high` (DAPO's clip-higher when
+/// larger), `ppo.ratio_level` and `ppo.loss_agg`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Surrogate {
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub level: RatioLevel,
+    pub agg: Aggregation,
+}
+
+impl Surrogate {
+    /// PPO's per-token surrogate.
+    pub fn token(eps_low: f64, eps_high: f64, agg: Aggregation) -> Self {
+        Surrogate {
+            eps_low,
+            eps_high,
+            level: RatioLevel::Token,
+            agg,
+        }
+    }
+}
+
+/// `log ρ` per token, at `level`: `log π − log π_old` ([`RatioLevel::Token`]); the masked row mean
+/// `ℓ_i = Σ_t (log π − log π_old)·m / Σ_t m` on every token ([`RatioLevel::Sequence`]); or
+/// `log π − sg[log π] + sg[ℓ_i]` ([`RatioLevel::SequenceToken`]). Clamped to ±[`MAX_LOG_RATIO`].
+pub fn log_ratio<B: Backend>(
+    logp: Tensor<B, 2>,
+    old_logp: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    level: RatioLevel,
+) -> Tensor<B, 2> {
+    let token = logp.clone() - old_logp;
+    let log_ratio = match level {
+        RatioLevel::Token => token,
+        RatioLevel::Sequence | RatioLevel::SequenceToken => {
+            let [b, t] = token.dims();
+            let seq = (token * mask.clone()).sum_dim(1) / mask.sum_dim(1).clamp_min(1.0);
+            match level {
+                RatioLevel::Sequence => seq.expand([b, t]),
+                _ => logp.clone() - logp.detach() + seq.detach().expand([b, t]),
+            }
+        }
+    };
+    log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+}
+
+/// Clipped surrogate: `ρ = exp(log_ratio)` at the surrogate's level ([`log_ratio`]), per token
+/// `−w·min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)`, aggregated, with `w` the truncated importance
+/// weights ([`truncated_is_weights`], constants) or 1. Returns the loss and the clip fraction
+/// (share of valid tokens where the clipped branch was taken).
 pub fn policy_loss<B: Backend>(
     logp: Tensor<B, 2>,
     old_logp: Tensor<B, 2>,
     advantages: Tensor<B, 2>,
     mask: Tensor<B, 2>,
-    eps_low: f64,
-    eps_high: f64,
-    agg: Aggregation,
+    s: &Surrogate,
     is_weights: Option<Tensor<B, 2>>,
 ) -> (Tensor<B, 1>, f64) {
-    let log_ratio = (logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO);
-    let ratio = log_ratio.exp();
+    let ratio = log_ratio(logp, old_logp, mask.clone(), s.level).exp();
     let surr1 = ratio.clone() * advantages.clone();
-    let surr2 = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages;
+    let surr2 = ratio.clamp(1.0 - s.eps_low, 1.0 + s.eps_high) * advantages;
     let clipped = surr2.clone().lower(surr1.clone()).float() * mask.clone();
     let clip_frac =
         (clipped.sum().into_scalar_f64()) / mask.clone().sum().into_scalar_f64().max(1.0);
@@ -56,7 +115,7 @@ pub fn policy_loss<B: Backend>(
     if let Some(w) = is_weights {
         loss = loss * w;
     }
-    (aggregate(loss, mask, agg), clip_frac)
+    (aggregate(loss, mask, s.agg), clip_frac)
 }
 
 /// Truncated importance sampling (TIS, Yao et al. 2025; verl's `rollout_is`): per token

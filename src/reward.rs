@@ -49,6 +49,18 @@ pub fn score(style: PromptStyle, reply: &str, gold: &Gold, cfg: &VerifierConfig)
     }
 }
 
+/// DAPO's soft overlong punishment (Yu et al. 2025, eq. 13; verl's `DAPORewardManager`), added
+/// to the reward of a reply of `len` tokens under a limit of `max_len`, a buffer `L_c` and a
+/// factor `k`: `min(−(len − (max_len − L_c)) / L_c · k, 0)` — 0 up to `max_len − L_c` tokens, then
+/// falling linearly to `−k` at the limit. 0 when `L_c` is 0 (off).
+pub fn overlong_penalty(len: usize, max_len: usize, buffer: usize, factor: f64) -> f64 {
+    if buffer == 0 {
+        return 0.0;
+    }
+    let exceed = len as f64 - (max_len as f64 - buffer as f64);
+    (-exceed / buffer as f64 * factor).min(0.0)
+}
+
 /// Where a reply of `style` ends (the stop string is kept in the reply; `<|endoftext|>` always
 /// stops): after `</answer>` for `r1`, at the end of the first line for `direct`.
 pub fn stop_strings(style: PromptStyle) -> Vec<String> {

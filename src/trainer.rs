@@ -36,6 +36,7 @@ use crate::verifier::Summary;
 
 mod advantages;
 mod checkpointing;
+mod dynamic_sampling;
 mod faults;
 mod metrics;
 mod reference_values;
@@ -324,10 +325,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         // puts both back — the order is a function of (seed, epoch) — so the checkpoint written
         // then resumes with this very step.
         let (cursor, epoch) = (self.cursor, self.epoch);
-        let prompts = self.draw_prompts();
-        let rollout = self.rollout(prompts);
-        clock.mark("generate");
-        let scored = match self.score(rollout) {
+        let (scored, draws) = match self.sample_and_score(&mut clock) {
             Ok(s) => s,
             Err(e) => {
                 if self.epoch != epoch {
@@ -338,7 +336,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(e);
             }
         };
-        clock.mark("reward");
         let mut evaluated = self.reference_values(&scored);
         if self.faults.hits(self.step, self.world.rank, Fault::Rollout) {
             if let Some(x) = evaluated.first_mut().and_then(|e| e.old_logp.first_mut()) {
@@ -350,7 +347,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         clock.mark("advantages");
         let upd = self.update(&experiences, adv.fault.take())?;
         clock.mark("update");
-        self.finish_step(scored, adv, upd, clock)
+        self.finish_step(scored, draws, adv, upd, clock)
     }
 
     /// Adaptive KL controller (Ziegler et al. 2019):
@@ -408,11 +405,10 @@ impl PhaseClock {
         }
     }
 
-    /// Ends phase `name` now.
+    /// Ends phase `name` now (a phase run more than once in a step adds up).
     fn mark(&mut self, name: &str) {
         let now = Instant::now();
-        self.phases
-            .insert(name.into(), now.duration_since(self.last).as_secs_f64());
+        *self.phases.entry(name.into()).or_default() += now.duration_since(self.last).as_secs_f64();
         self.last = now;
     }
 

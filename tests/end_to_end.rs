@@ -2,8 +2,10 @@
 //! short steps (ndarray; the bf16 base on flex): every number finite, and the behaviour each
 //! setting is for — k2 KL, the adaptive KL controller in both directions, critic warm-up, the
 //! critic-free estimators, asymmetric clipping, token-mean aggregation, top-k/top-p rollouts,
-//! the unclipped value loss (`value_clip = "off"`), `train.epochs` step counts, and the production defaults (recomputation, critic, LoRA on a bf16
-//! base, ragged micro-batches) against the kept graph.
+//! the unclipped value loss (`value_clip = "off"`), `train.epochs` step counts, the production
+//! defaults (recomputation, critic, LoRA on a bf16 base, ragged micro-batches) against the kept
+//! graph, token-budget micro-batches, GSPO's sequence-level ratios, and DAPO's dynamic sampling,
+//! overlong filtering and overlong reward shaping.
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::backend::AutodiffBackend;
@@ -160,6 +162,19 @@ fn asymmetric_clipping_token_mean_and_top_k_top_p_rollouts_run() {
         &["ppo.eps_low=0.1", "ppo.eps_high=0.3", "ppo.ppo_epochs=2"][..],
         &["ppo.loss_agg=\"token-mean\""][..],
         &["rollout.top_k=5", "rollout.top_p=0.8"][..],
+        // GSPO and GSPO-token (sequence-level ratios) on GRPO advantages.
+        &[
+            "ppo.estimator=\"grpo\"",
+            "rollout.n=2",
+            "rollout.prompts_per_step=3",
+            "ppo.ratio_level=\"sequence\"",
+        ][..],
+        &[
+            "ppo.estimator=\"grpo\"",
+            "rollout.n=2",
+            "rollout.prompts_per_step=3",
+            "ppo.ratio_level=\"sequence-token\"",
+        ][..],
     ] {
         let (_, m) = run::<B>(extra, 1);
         assert!(m[0].grad_norm > 0.0, "{extra:?}: no gradient");
@@ -306,4 +321,100 @@ fn token_budget_micro_batches_give_the_gradient_of_the_sample_count_split() {
         let critic = common::assert_close("critic", &critic(&by_tokens), &critic(&by_count), 1e-6);
         eprintln!("{agg}: largest weight difference actor {actor:.1e}, critic {critic:.1e}");
     }
+}
+
+/// DAPO's dynamic sampling (`rollout.filter_groups`): groups whose rewards are all equal are set
+/// aside and more prompts drawn, up to `rollout.max_draws` batches, so the trained batch holds at
+/// least the first draw's groups with differing rewards (its samples are the unfiltered run's:
+/// the first draw is keyed the same), more whenever more draws were made, and set-aside groups
+/// only when every draw was used. The logged share of zero-advantage groups is what remains.
+#[test]
+fn dynamic_sampling_fills_the_batch_with_groups_whose_rewards_differ() {
+    // The direct prompt's 0/1 reward differs within some groups of the untrained demo model
+    // (under r1 nearly every reply fails the format: all −1).
+    let grpo = [
+        "data.prompt=\"direct\"",
+        "ppo.estimator=\"grpo\"",
+        "rollout.n=4",
+        "rollout.prompts_per_step=3",
+        "ppo.train_batch=12",
+    ];
+    let (_, plain) = run::<B>(&grpo, 2);
+    let filtered = [
+        &grpo[..],
+        &["rollout.filter_groups=true", "rollout.max_draws=3"],
+    ]
+    .concat();
+    let (_, dapo) = run::<B>(&filtered, 2);
+    for m in &plain {
+        assert_eq!(m.groups_drawn, 3, "step {}", m.step);
+        assert_eq!(m.zero_adv_groups, 1.0 - m.groups_kept as f64 / 3.0);
+    }
+    let mut more = 0;
+    for m in &dapo {
+        eprintln!(
+            "step {}: groups drawn {}, kept {}, zero-advantage share {}",
+            m.step, m.groups_drawn, m.groups_kept, m.zero_adv_groups
+        );
+        assert!([3, 6, 9].contains(&m.groups_drawn), "{}", m.groups_drawn);
+        assert!(m.groups_kept <= 3);
+        if m.groups_kept < 3 {
+            assert_eq!(m.groups_drawn, 9, "stopped drawing with the batch not full");
+        } else {
+            assert!(m.groups_drawn <= 9);
+        }
+        assert_eq!(m.zero_adv_groups, 1.0 - m.groups_kept as f64 / 3.0);
+        more += (m.groups_drawn > 3) as usize;
+    }
+    assert!(dapo[0].groups_kept >= plain[0].groups_kept);
+    assert!(
+        more > 0,
+        "no step drew a second batch: the test shows nothing"
+    );
+    if dapo[0].groups_drawn == 3 {
+        same_step(&dapo[0], &plain[0], 1e-6, 1.0);
+    }
+    // Under r1 every group of the untrained model is all −1: every draw is used, the batch is
+    // topped up with set-aside groups, and the step trains on its full size all the same.
+    let (_, r1) = run::<B>(&[&filtered[1..], &["data.prompt=\"r1\""]].concat(), 1);
+    assert_eq!((r1[0].groups_drawn, r1[0].groups_kept), (9, 0));
+    assert_eq!(r1[0].zero_adv_groups, 1.0);
+}
+
+/// DAPO's overlong filtering (`ppo.mask_truncated`): samples cut at `rollout.max_new_tokens` are
+/// left out of both losses. With every sample cut (one new token, none of them a stop), nothing
+/// trains: zero losses and gradients, weights unchanged; without the filter the same step trains.
+#[test]
+fn overlong_filtering_leaves_truncated_samples_out_of_the_loss() {
+    let cut = ["rollout.max_new_tokens=1"];
+    let before = Trainer::<B>::new(cfg(&cut), Default::default()).unwrap();
+    let (on, m) = run::<B>(&[&cut[..], &["ppo.mask_truncated=true"]].concat(), 1);
+    assert_eq!(
+        m[0].truncated_rate, 1.0,
+        "a sample was not cut: the test shows nothing"
+    );
+    assert_eq!((m[0].policy_loss, m[0].value_loss), (0.0, 0.0));
+    assert_eq!((m[0].grad_norm, m[0].critic_grad_norm), (0.0, 0.0));
+    assert_eq!(weights(&on.actor), weights(&before.actor));
+    let (_, off) = run::<B>(&cut, 1);
+    assert!(off[0].grad_norm > 0.0 && off[0].critic_grad_norm > 0.0);
+}
+
+/// DAPO's overlong reward shaping (`reward.overlong_buffer`): with the buffer the whole length
+/// (12 of 12 tokens) and factor 0.5, every reward falls by `0.5·len/12`, so at step 0 (the same
+/// samples) the mean reward is the plain one minus `0.5·mean length/12`.
+#[test]
+fn overlong_shaping_lowers_the_reward_by_the_length_past_the_free_zone() {
+    let (_, plain) = run::<B>(&[], 1);
+    let (_, shaped) = run::<B>(
+        &["reward.overlong_buffer=12", "reward.overlong_penalty=0.5"],
+        1,
+    );
+    assert_eq!(shaped[0].response_len_mean, plain[0].response_len_mean);
+    let want = plain[0].reward_mean - 0.5 * plain[0].response_len_mean / 12.0;
+    common::assert_close("reward_mean", &[shaped[0].reward_mean], &[want], 1e-6);
+    assert_eq!(med_rlvr::reward::overlong_penalty(16, 20, 4, 1.0), 0.0);
+    assert_eq!(med_rlvr::reward::overlong_penalty(17, 20, 4, 1.0), -0.25);
+    assert_eq!(med_rlvr::reward::overlong_penalty(20, 20, 4, 2.0), -2.0);
+    assert_eq!(med_rlvr::reward::overlong_penalty(20, 20, 0, 1.0), 0.0);
 }

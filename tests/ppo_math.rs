@@ -10,7 +10,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use med_rlvr::advantages::{self as adv, Grid, KlEstimator};
 use med_rlvr::estimator::{self, Estimator, Inputs, ESTIMATORS};
-use med_rlvr::loss::{self, Aggregation};
+use med_rlvr::loss::{self, Aggregation, Surrogate};
 use serde_json::Value;
 
 mod common;
@@ -146,9 +146,7 @@ fn losses_match<B: burn::tensor::backend::AutodiffBackend>(tol: f64) {
             old,
             advs,
             mask.clone(),
-            0.2,
-            0.2,
-            Aggregation::SeqMeanTokenMean,
+            &Surrogate::token(0.2, 0.2, Aggregation::SeqMeanTokenMean),
             None,
         );
         let want = o["policy_loss_eps0.2"]["loss"].as_f64().unwrap();
@@ -317,9 +315,7 @@ fn truncated_importance_weights_scale_the_openrlhf_policy_loss() {
                 t2::<B>(&old, &dev),
                 t2::<B>(&grid(&o["whitened_advantages_gamma1.0_lambda1.0"]), &dev),
                 t2::<B>(&grid(&case["action_mask"]), &dev),
-                0.2,
-                0.2,
-                Aggregation::SeqMeanTokenMean,
+                &Surrogate::token(0.2, 0.2, Aggregation::SeqMeanTokenMean),
                 Some(t2::<B>(&w, &dev)),
             );
             let got = l.clone().into_data().iter::<f64>().next().unwrap();
@@ -390,9 +386,7 @@ fn asymmetric_clipping_and_both_aggregations_match_verl() {
                     old.clone(),
                     advs.clone(),
                     mask.clone(),
-                    low,
-                    high,
-                    agg,
+                    &Surrogate::token(low, high, agg),
                     None,
                 );
                 let what = format!("policy loss eps {low}/{high} {name}");
@@ -527,4 +521,122 @@ fn estimators_are_looked_up_by_name() {
         err.contains("\"ppo\"") && err.contains("gae, grpo, dr_grpo, rloo"),
         "{err}"
     );
+}
+
+/// GSPO against verl 0.9.1's `compute_policy_loss_gspo` (GSPO-token; fixture written by
+/// `tests/fixtures/make_gspo_reference.py`, float64, five ragged batches): losses, gradients and
+/// clip fractions for the paper's ε (3e-4/4e-4) and wider ones, both aggregations. With one
+/// advantage per sequence both of the trainer's sequence levels must give verl's numbers (GSPO
+/// and GSPO-token coincide there); with per-token advantages, GSPO-token must, and sequence-level
+/// GSPO must not (it sees the tokens' advantages through one shared ratio and one gradient).
+#[test]
+fn gspo_sequence_ratios_match_verl() {
+    use med_rlvr::loss::RatioLevel;
+    type B = Autodiff<NdArray<f64>>;
+    // verl's sequence means divide by `Σm + 1e-8`, its token means likewise.
+    const TOL: f64 = 1e-8;
+    let dev = Default::default();
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/gspo_reference.json"
+    );
+    let f: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let aggs = [
+        ("token-mean", Aggregation::TokenMean),
+        ("seq-mean-token-mean", Aggregation::SeqMeanTokenMean),
+    ];
+    let (mut compared, mut differed) = (0, 0);
+    for case in f["cases"].as_array().unwrap() {
+        let o = &case["outputs"];
+        let mask = t2::<B>(&grid(&case["action_mask"]), &dev);
+        let old = t2::<B>(&grid(&case["old_log_probs"]), &dev);
+        for adv_key in ["seq_advantages", "token_advantages"] {
+            let advs = t2::<B>(&grid(&case[adv_key]), &dev);
+            for (name, agg) in aggs {
+                for (low, high) in [(0.2, 0.2), (3e-4, 4e-4), (0.1, 0.3)] {
+                    let want = &o[format!("gspo_{adv_key}_low{low}_high{high}_{name}").as_str()];
+                    for level in [RatioLevel::Sequence, RatioLevel::SequenceToken] {
+                        let logp = t2::<B>(&grid(&case["log_probs"]), &dev).require_grad();
+                        let s = Surrogate {
+                            eps_low: low,
+                            eps_high: high,
+                            level,
+                            agg,
+                        };
+                        let (l, clip_frac) = loss::policy_loss(
+                            logp.clone(),
+                            old.clone(),
+                            advs.clone(),
+                            mask.clone(),
+                            &s,
+                            None,
+                        );
+                        let got = [scalar(l.clone()), clip_frac];
+                        let g = to_grid::<NdArray<f64>>(logp.grad(&l.backward()).unwrap());
+                        let what = format!("{level:?} {adv_key} eps {low}/{high} {name}");
+                        if level == RatioLevel::Sequence && adv_key == "token_advantages" {
+                            let want = grid(&want["grad_log_probs"]);
+                            let gap = g
+                                .iter()
+                                .flatten()
+                                .zip(want.iter().flatten())
+                                .map(|(a, b)| (a - b).abs())
+                                .fold(0.0, |m: f64, d| if d.is_nan() || d > m { d } else { m });
+                            assert!(gap.is_finite(), "{what}: non-finite gradient");
+                            differed += (gap > 1e-3) as usize;
+                            continue;
+                        }
+                        let want_scalars = [
+                            want["loss"].as_f64().unwrap(),
+                            want["clip_frac"].as_f64().unwrap(),
+                        ];
+                        common::assert_close(&what, &got, &want_scalars, TOL);
+                        assert_close(&g, &grid(&want["grad_log_probs"]), TOL, &what);
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 5 * 3 * 2 * 3);
+    // Per-token advantages tell the two levels apart on every multi-token case.
+    assert!(
+        differed >= 16,
+        "sequence-level GSPO matched GSPO-token {differed}"
+    );
+}
+
+/// At the token level, [`loss::log_ratio`] is `log π − log π_old`; at the sequence level every
+/// token of a row holds the row's masked mean (the geometric mean of its ratios), padding
+/// ignored; GSPO-token has that value too.
+#[test]
+fn sequence_ratio_is_the_geometric_mean_of_the_token_ratios() {
+    use med_rlvr::loss::RatioLevel;
+    type B = NdArray<f64>;
+    let dev = Default::default();
+    let logp = t2::<B>(&vec![vec![-1.0, -2.0, -0.5], vec![-0.1, -0.2, 0.0]], &dev);
+    let old = t2::<B>(&vec![vec![-1.5, -1.0, -0.5], vec![-0.4, 0.0, 0.0]], &dev);
+    let mask = t2::<B>(&vec![vec![1.0, 1.0, 1.0], vec![1.0, 0.0, 0.0]], &dev);
+    let token = to_grid(loss::log_ratio(
+        logp.clone(),
+        old.clone(),
+        mask.clone(),
+        RatioLevel::Token,
+    ));
+    assert_close(
+        &token,
+        &vec![vec![0.5, -1.0, 0.0], vec![0.3, -0.2, 0.0]],
+        1e-12,
+        "token",
+    );
+    for level in [RatioLevel::Sequence, RatioLevel::SequenceToken] {
+        let seq = to_grid(loss::log_ratio(
+            logp.clone(),
+            old.clone(),
+            mask.clone(),
+            level,
+        ));
+        let row0 = (0.5 - 1.0 + 0.0) / 3.0;
+        assert_close(&seq, &vec![vec![row0; 3], vec![0.3; 3]], 1e-12, "sequence");
+    }
 }

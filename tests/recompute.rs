@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use med_rlvr::critic::Critic;
 use med_rlvr::experience::{grid_tensor, Batch, Trainable};
-use med_rlvr::loss::{self, Aggregation};
+use med_rlvr::loss::{self, Aggregation, Surrogate};
 use med_rlvr::selfcheck::Perturb;
 use qwen2_burn::{load_qwen2, LoraSpec, Qwen2};
 
@@ -109,7 +109,14 @@ fn actor_grads<B: AutodiffBackend>(model: &Qwen2<B>, recompute: bool) -> Gradien
     let refp = logp.clone().detach()
         - grid_tensor::<B>(&pattern(batch.b, batch.r, 1.1), &dev).mul_scalar(0.2);
     let agg = Aggregation::SeqMeanTokenMean;
-    let (pl, _) = loss::policy_loss(logp.clone(), old, adv, m.clone(), 0.2, 0.2, agg, None);
+    let (pl, _) = loss::policy_loss(
+        logp.clone(),
+        old,
+        adv,
+        m.clone(),
+        &Surrogate::token(0.2, 0.2, agg),
+        None,
+    );
     let total = pl + loss::kl_loss(logp, refp, m, agg).mul_scalar(0.5);
     t.param_grads(total.backward())
 }

@@ -408,7 +408,7 @@ pub fn update<B: AutodiffBackend>(
         recompute,
     } = shape;
     use med_rlvr::experience::Batch;
-    use med_rlvr::loss::{policy_loss, Aggregation};
+    use med_rlvr::loss::{policy_loss, Aggregation, Surrogate};
     let prompts = random_prompts(batch, prompt_len, config.vocab_size, 7);
     let responses = random_prompts(batch, response_len, config.vocab_size, 8);
     let rows: Vec<(&[u32], &[u32])> = prompts
@@ -438,9 +438,7 @@ pub fn update<B: AutodiffBackend>(
         logp.detach(),
         advantages,
         mask,
-        0.2,
-        0.2,
-        Aggregation::TokenMean,
+        &Surrogate::token(0.2, 0.2, Aggregation::TokenMean),
         None,
     );
     let grads = trainable.param_grads(loss.backward());

@@ -8,10 +8,12 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::Serialize;
 
 use super::advantages::AdvantageStats;
+use super::dynamic_sampling::Draws;
 use super::score::Scored;
 use super::update::UpdateStats;
 use super::{PhaseClock, Trainer};
 use crate::parallel::World;
+use crate::sampler::FinishReason;
 use crate::verifier::{Stage, Summary};
 
 /// One line of `metrics.jsonl`.
@@ -23,7 +25,17 @@ pub struct StepMetrics {
     pub format_rate: f64,
     pub accuracy: f64,
     pub response_len_mean: f64,
+    /// Share of the samples cut at `rollout.max_new_tokens`.
+    pub truncated_rate: f64,
     pub think_len_mean: f64,
+    /// Groups (prompts with their `rollout.n` samples) sampled this step, and those in the
+    /// trained batch whose rewards differ; more are drawn than trained under
+    /// `rollout.filter_groups` (DAPO's dynamic sampling).
+    pub groups_drawn: usize,
+    pub groups_kept: usize,
+    /// Share of the trained batch's groups whose rewards are all equal (zero advantage under
+    /// group normalisation).
+    pub zero_adv_groups: f64,
     pub kl: f64,
     pub kl_coef: f64,
     pub entropy: f64,
@@ -90,6 +102,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub(super) fn finish_step(
         &mut self,
         scored: Scored,
+        draws: Draws,
         adv: AdvantageStats,
         upd: UpdateStats,
         clock: PhaseClock,
@@ -114,10 +127,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             "tokens",
             "entropy",
             "entropy_tokens",
+            "truncated",
         ] {
             t.add(name, 0.0);
         }
         t.add("samples", summary.count as f64);
+        t.add("groups", scored.rollout.prompts.items.len() as f64);
+        t.add("groups_drawn", draws.drawn as f64);
+        t.add("groups_kept", draws.kept as f64);
         for v in verdicts {
             t.add("reward", v.reward as f64);
             t.add("format_ok", v.format_ok as u8 as f64);
@@ -131,6 +148,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             t.add("tokens", s.output_ids.len() as f64);
             t.add("entropy", s.entropies.iter().map(|&e| e as f64).sum());
             t.add("entropy_tokens", s.entropies.len() as f64);
+            t.add(
+                "truncated",
+                (s.finish_reason == FinishReason::Length) as u8 as f64,
+            );
         }
         t.add("policy_loss", upd.policy_loss);
         t.add("value_loss", upd.value_loss);
@@ -151,7 +172,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             format_rate: t.per("format_ok", "samples"),
             accuracy: t.per("correct", "samples"),
             response_len_mean: t.per("tokens", "samples"),
+            truncated_rate: t.per("truncated", "samples"),
             think_len_mean: t.per("think_words", "think_replies"),
+            groups_drawn: t.get("groups_drawn") as usize,
+            groups_kept: t.get("groups_kept") as usize,
+            zero_adv_groups: 1.0 - t.get("groups_kept") / t.get("groups").max(1.0),
             kl: adv.kl_mean,
             kl_coef: self.kl_coef,
             entropy: t.per("entropy", "entropy_tokens"),

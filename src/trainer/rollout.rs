@@ -22,9 +22,12 @@ pub(super) struct Rollout {
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
-    /// Every replica draws the same prompts and keeps its shard of them.
-    pub(super) fn draw_prompts(&mut self) -> StepPrompts {
-        let all = self.next_batch(self.cfg.rollout.prompts_per_step);
+    /// Every replica draws the same prompts and keeps its shard of them. `draw` counts the
+    /// batches drawn before in this step (dynamic sampling draws more than one); it keys the
+    /// sampler RNG with the shard's, so every prompt of a step has its own.
+    pub(super) fn draw_prompts(&mut self, draw: usize) -> StepPrompts {
+        let per_step = self.cfg.rollout.prompts_per_step;
+        let all = self.next_batch(per_step);
         let shard = self.world.shard(all.len());
         let items = all[shard.clone()].to_vec();
         let tokens = items
@@ -34,7 +37,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         StepPrompts {
             items,
             tokens,
-            first: shard.start,
+            first: draw * per_step + shard.start,
         }
     }
 

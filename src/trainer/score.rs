@@ -46,7 +46,8 @@ impl Scored {
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Decodes and scores each sample against its item. With `reward.program`, the verifier's
-    /// verdict keeps its format/accuracy labels and the program's answer is the reward.
+    /// verdict keeps its format/accuracy labels and the program's answer is the reward; with
+    /// `reward.overlong_buffer`, DAPO's overlong penalty is added to it.
     pub(super) fn score(&self, rollout: Rollout) -> Result<Scored> {
         let items = &self.train_items;
         let item = |s: &crate::sampler::Sample| &items[rollout.prompts.items[s.prompt_index]];
@@ -88,6 +89,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .score(&requests)
                 .map_err(|e| RewardFailed(format!("{e:#}")))?;
             components = reward::apply_answers(&answers, verdicts.iter_mut());
+        }
+        let (rw, max_len) = (&self.cfg.reward, self.cfg.rollout.max_new_tokens);
+        for (v, s) in verdicts.iter_mut().zip(&rollout.samples) {
+            let len = s.output_ids.len();
+            v.reward +=
+                reward::overlong_penalty(len, max_len, rw.overlong_buffer, rw.overlong_penalty)
+                    as f32;
         }
         Ok(Scored {
             rollout,

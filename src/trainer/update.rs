@@ -118,7 +118,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let first = self.world.rank * exps.len();
         let mut lens = vec![0.0; exps.len() * self.world.size];
         for (k, e) in exps.iter().enumerate() {
-            lens[first + k] = e.sample.response.len() as f64;
+            lens[first + k] = self.loss_tokens(e) as f64;
         }
         let lens = self.world.sum::<B::InnerBackend>(&lens, &self.device)?;
         let mut out = UpdateStats {
@@ -145,10 +145,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// One optimizer step on global mini-batch `batch` (indices into the global batch, `lens`
-    /// their response lengths): this replica's members, in micro-batches of `ppo.micro_batch`,
-    /// each weighted by its share of the mini-batch — samples (seq-mean-token-mean) or response
-    /// tokens (token-mean) — so the accumulated gradient is that of the whole mini-batch's mean
-    /// loss ([`Trainer::micro_batch`]); then [`Trainer::apply_gradients`]. A replica holding
+    /// their tokens in the loss, [`Trainer::loss_tokens`]): this replica's members, in
+    /// micro-batches of `ppo.micro_batch`, each weighted by its share of the mini-batch — samples
+    /// in the loss (seq-mean-token-mean) or their tokens (token-mean) — so the accumulated
+    /// gradient is that of the whole mini-batch's mean loss ([`Trainer::micro_batch`]); then
+    /// [`Trainer::apply_gradients`]. A replica holding
     /// none of the members runs one of its samples with weight 0, since every replica reduces
     /// the same parameters. Returns the fault that skipped the step, agreed by all replicas.
     fn train_mini_batch(
@@ -162,6 +163,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (world, dev) = (self.world, self.device.clone());
         let first = world.rank * exps.len();
         let total_tokens = batch.iter().map(|&i| lens[i]).sum::<f64>().max(1.0);
+        let total_samples = batch.iter().filter(|&&i| lens[i] > 0.0).count().max(1) as f64;
         let mut mine: Vec<usize> = batch
             .iter()
             .filter(|&&i| (first..first + exps.len()).contains(&i))
@@ -179,12 +181,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         for rows in &self.micro_batches(exps, &mine) {
             let weight = match (idle, self.cfg.ppo.loss_agg) {
                 (true, _) => 0.0,
-                (false, loss::Aggregation::SeqMeanTokenMean) => {
-                    rows.len() as f64 / batch.len() as f64
-                }
+                (false, loss::Aggregation::SeqMeanTokenMean) => rows.len() as f64 / total_samples,
                 (false, loss::Aggregation::TokenMean) => {
                     rows.iter()
-                        .map(|&i| exps[i].sample.response.len())
+                        .map(|&i| self.loss_tokens(&exps[i]))
                         .sum::<usize>() as f64
                         / total_tokens
                 }
@@ -208,6 +208,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.opt_step += 1;
         out.optimizer_steps += 1;
         Ok(None)
+    }
+
+    /// The tokens sample `e` puts into the losses: its response, or none when it was cut at
+    /// `rollout.max_new_tokens` and `ppo.mask_truncated` leaves such samples out.
+    fn loss_tokens(&self, e: &Experience) -> usize {
+        match self.cfg.ppo.mask_truncated && e.sample.truncated {
+            true => 0,
+            false => e.sample.response.len(),
+        }
     }
 
     /// This replica's members of a mini-batch cut into micro-batches: `ppo.micro_batch` samples
@@ -255,7 +264,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 (s.prompt.as_slice(), s.response.as_slice())
             })
             .collect();
-        let batch = Batch::new(&seqs);
+        let mut batch = Batch::new(&seqs);
+        for (row, &i) in batch.mask.iter_mut().zip(rows) {
+            if self.loss_tokens(&exps[i]) == 0 {
+                row.fill(0.0);
+            }
+        }
         let m = batch.mask_tensor::<B>(&self.device);
         let take = |f: &dyn Fn(&Experience) -> &[f64]| {
             grid_tensor::<B>(
@@ -289,9 +303,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 take(&|e| &e.sample.old_logp),
                 take(&|e| &e.advantages),
                 m.clone(),
-                cfg.ppo.eps_low,
-                cfg.ppo.eps_high,
-                cfg.ppo.loss_agg,
+                &loss::Surrogate {
+                    eps_low: cfg.ppo.eps_low,
+                    eps_high: cfg.ppo.eps_high,
+                    level: cfg.ppo.ratio_level,
+                    agg: cfg.ppo.loss_agg,
+                },
                 cfg.ppo
                     .rollout_is_cap
                     .map(|_| take(&|e| &e.sample.is_weights)),
