@@ -1,6 +1,12 @@
-//! `Qwen2Config`: the geometry of a Qwen2 / Qwen2.5 decoder, read from a Hugging Face
-//! `config.json` in either layout (`rope_theta` at the top level as in the published Qwen2.5 files,
-//! or transformers-5 `rope_parameters: {rope_theta, rope_type}`), and written back in the former.
+//! `Qwen2Config`: the geometry of a Qwen2 / Qwen2.5 or Qwen3 (dense) decoder, read from a Hugging
+//! Face `config.json` in either layout (`rope_theta` at the top level as in the published Qwen2.5 and
+//! Qwen3 files, or transformers-5 `rope_parameters: {rope_theta, rope_type}`), and written back in
+//! the former, with the family's `model_type` and `architectures`.
+//!
+//! The two families differ only in the attention (transformers' `modeling_qwen2.py` /
+//! `modeling_qwen3.py`): Qwen2 has a bias on q/k/v (none on o) and `head_dim = hidden / heads`;
+//! Qwen3 has an RMSNorm over `head_dim` on each query and key head (`q_norm`, `k_norm`, before
+//! RoPE), a bias on q/k/v/o only when `attention_bias` is true, and an explicit `head_dim`.
 
 use std::path::Path;
 
@@ -9,9 +15,58 @@ use serde_json::{json, Value};
 
 use crate::error::{ModelError, Result};
 
-/// Geometry and constants of a Qwen2 model. Field names follow Hugging Face.
+/// Which Hugging Face architecture a checkpoint is (its `model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Family {
+    /// `qwen2` (`Qwen2ForCausalLM`): Qwen2, Qwen2.5.
+    #[default]
+    Qwen2,
+    /// `qwen3` (`Qwen3ForCausalLM`): Qwen3 dense models (not the MoE `qwen3_moe`).
+    Qwen3,
+}
+
+impl Family {
+    /// The `model_type` of `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The `architectures` entry of the causal LM.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// The family an `architectures` entry belongs to, if it is one we read.
+    fn of_architecture(arch: &str) -> Option<Self> {
+        match arch {
+            "Qwen2ForCausalLM" | "Qwen2Model" | "Qwen2ForTokenClassification" => {
+                Some(Family::Qwen2)
+            }
+            "Qwen3ForCausalLM" | "Qwen3Model" | "Qwen3ForTokenClassification" => {
+                Some(Family::Qwen3)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Geometry and constants of a Qwen2 / Qwen2.5 or Qwen3 dense model (the name is historical: one
+/// config and one model type, [`crate::Qwen2`], cover both families). Field names follow Hugging Face.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Qwen2Config {
+    /// Qwen2 or Qwen3: decides the attention's biases and q/k norms (see the module doc).
+    #[serde(default)]
+    pub family: Family,
+    /// Qwen3's `attention_bias`: a bias on the q, k, v and o projections. Unused for Qwen2, whose
+    /// q/k/v always have one and o never (false there).
+    #[serde(default)]
+    pub attention_bias: bool,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -48,27 +103,46 @@ impl Qwen2Config {
     pub fn from_json_str(text: &str) -> std::result::Result<Self, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
         let obj = v.as_object().ok_or("top level is not a JSON object")?;
-        if let Some(archs) = obj.get("architectures").and_then(Value::as_array) {
-            let known = archs.iter().any(|a| {
-                matches!(
-                    a.as_str(),
-                    Some("Qwen2ForCausalLM")
-                        | Some("Qwen2Model")
-                        | Some("Qwen2ForTokenClassification")
-                )
-            });
-            if !known {
-                return Err(format!(
-                    "unsupported architectures {archs:?}: only Qwen2ForCausalLM is supported"
-                ));
-            }
-        }
-        match obj.get("model_type").and_then(Value::as_str) {
-            Some("qwen2") | None => {}
+        let arch_family = match obj.get("architectures").and_then(Value::as_array) {
+            Some(archs) => match archs
+                .iter()
+                .find_map(|a| a.as_str().and_then(Family::of_architecture))
+            {
+                Some(f) => Some(f),
+                None => {
+                    return Err(format!(
+                        "unsupported architectures {archs:?}: only Qwen2ForCausalLM and Qwen3ForCausalLM are supported"
+                    ))
+                }
+            },
+            None => None,
+        };
+        let type_family = match obj.get("model_type").and_then(Value::as_str) {
+            Some("qwen2") => Some(Family::Qwen2),
+            Some("qwen3") => Some(Family::Qwen3),
+            None => None,
             Some(other) => {
                 return Err(format!(
-                    "unsupported model_type `{other}` (expected `qwen2`)"
+                    "unsupported model_type `{other}` (expected `qwen2` or `qwen3`)"
                 ))
+            }
+        };
+        let family = match (type_family, arch_family) {
+            (Some(t), Some(a)) if t != a => {
+                return Err(format!(
+                    "model_type `{}` disagrees with architectures (a {} model)",
+                    t.model_type(),
+                    a.architecture()
+                ))
+            }
+            (Some(f), _) | (None, Some(f)) => f,
+            (None, None) => Family::Qwen2,
+        };
+        if let Some(types) = obj.get("layer_types").and_then(Value::as_array) {
+            if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+                return Err(format!(
+                    "layer_types contains {t}: only `full_attention` layers are supported"
+                ));
             }
         }
         if obj.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
@@ -153,19 +227,42 @@ impl Qwen2Config {
                 return Err(format!("key `{k}` = {x} is above the supported {max}"));
             }
         }
-        if hidden_size % num_attention_heads != 0 {
+        let head_dim = match family {
+            Family::Qwen2 => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(format!(
+                        "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
+                    ));
+                }
+                let head_dim = hidden_size / num_attention_heads;
+                if let Some(hd) = obj.get("head_dim").and_then(Value::as_u64) {
+                    if hd as usize != head_dim {
+                        return Err(format!(
+                            "head_dim {hd} disagrees with hidden_size / num_attention_heads = {head_dim}"
+                        ));
+                    }
+                }
+                head_dim
+            }
+            // Explicit in every Qwen3 config (Qwen3-0.6B: hidden 1024, 16 heads, head_dim 128);
+            // transformers' Qwen3Config defaults it to 128, not to hidden / heads.
+            Family::Qwen3 => match obj.get("head_dim") {
+                None | Some(Value::Null) => 128,
+                Some(_) => usize_key("head_dim")?,
+            },
+        };
+        if head_dim == 0 || head_dim > 1 << 12 {
             return Err(format!(
-                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
+                "key `head_dim` = {head_dim} is outside the supported 1..={}",
+                1 << 12
             ));
         }
-        let head_dim = hidden_size / num_attention_heads;
-        if let Some(hd) = obj.get("head_dim").and_then(Value::as_u64) {
-            if hd as usize != head_dim {
-                return Err(format!(
-                    "head_dim {hd} disagrees with hidden_size / num_attention_heads = {head_dim}"
-                ));
+        let attention_bias = match (family, obj.get("attention_bias")) {
+            (Family::Qwen2, _) | (Family::Qwen3, None | Some(Value::Null)) => false,
+            (Family::Qwen3, Some(b)) => {
+                b.as_bool().ok_or("key `attention_bias` is not a boolean")?
             }
-        }
+        };
         if head_dim % 2 != 0 {
             return Err(format!("head_dim {head_dim} must be even for RoPE"));
         }
@@ -196,6 +293,8 @@ impl Qwen2Config {
             .and_then(Value::as_str)
             .map(str::to_string);
         Ok(Self {
+            family,
+            attention_bias,
             vocab_size,
             hidden_size,
             intermediate_size,
@@ -214,16 +313,17 @@ impl Qwen2Config {
     }
 
     /// The Hugging Face `config.json` for this geometry (top-level `rope_theta` layout, which
-    /// transformers 4 and 5 both read). `dtype` is recorded as `torch_dtype`.
+    /// transformers 4 and 5 both read). `dtype` is recorded as `torch_dtype`. A Qwen3 config also
+    /// has `head_dim`, `attention_bias` and `layer_types`.
     pub fn to_hf_json(&self, dtype: &str) -> Value {
         let eos: Value = match self.eos_token_ids.as_slice() {
             [] => Value::Null,
             [one] => json!(one),
             many => json!(many),
         };
-        json!({
-            "architectures": ["Qwen2ForCausalLM"],
-            "model_type": "qwen2",
+        let mut v = json!({
+            "architectures": [self.family.architecture()],
+            "model_type": self.family.model_type(),
             "attention_dropout": 0.0,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": eos,
@@ -245,7 +345,37 @@ impl Qwen2Config {
             "use_cache": true,
             "use_sliding_window": false,
             "vocab_size": self.vocab_size,
-        })
+        });
+        if self.family == Family::Qwen3 {
+            let obj = v.as_object_mut().expect("an object");
+            obj.insert("head_dim".into(), json!(self.head_dim));
+            obj.insert("attention_bias".into(), json!(self.attention_bias));
+            obj.insert(
+                "layer_types".into(),
+                json!(vec!["full_attention"; self.num_hidden_layers]),
+            );
+        }
+        v
+    }
+
+    /// Whether the q, k and v projections have a bias (always for Qwen2; `attention_bias` for
+    /// Qwen3).
+    pub fn qkv_bias(&self) -> bool {
+        match self.family {
+            Family::Qwen2 => true,
+            Family::Qwen3 => self.attention_bias,
+        }
+    }
+
+    /// Whether the output projection `o_proj` has a bias (Qwen3 with `attention_bias` only).
+    pub fn o_bias(&self) -> bool {
+        self.family == Family::Qwen3 && self.attention_bias
+    }
+
+    /// Whether each query and key head goes through an RMSNorm over `head_dim` (`q_norm`,
+    /// `k_norm`) before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.family == Family::Qwen3
     }
 
     /// Number of query heads sharing one key/value head.
@@ -256,11 +386,13 @@ impl Qwen2Config {
     /// Parameter count (embedding counted once when tied).
     pub fn num_parameters(&self) -> usize {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let q = h * self.num_attention_heads * hd + self.num_attention_heads * hd;
-        let kv = 2 * (h * self.num_key_value_heads * hd + self.num_key_value_heads * hd);
-        let o = self.num_attention_heads * hd * h;
+        let (qb, ob) = (usize::from(self.qkv_bias()), usize::from(self.o_bias()));
+        let q = h * self.num_attention_heads * hd + qb * self.num_attention_heads * hd;
+        let kv = 2 * (h * self.num_key_value_heads * hd + qb * self.num_key_value_heads * hd);
+        let o = self.num_attention_heads * hd * h + ob * h;
+        let qk_norm = 2 * hd * usize::from(self.qk_norm());
         let mlp = 3 * h * i;
-        let layer = q + kv + o + mlp + 2 * h;
+        let layer = q + kv + o + qk_norm + mlp + 2 * h;
         let emb = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + self.num_hidden_layers * layer + h

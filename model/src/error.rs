@@ -18,7 +18,9 @@ pub enum ModelError {
     Safetensors { path: PathBuf, msg: String },
     #[error("{path}: tensor `{name}` is missing")]
     MissingTensor { path: PathBuf, name: String },
-    #[error("{path}: unexpected tensor `{name}` (not part of a Qwen2 model with this config)")]
+    #[error(
+        "{path}: unexpected tensor `{name}` (not part of a Qwen2/Qwen3 model with this config)"
+    )]
     UnexpectedTensor { path: PathBuf, name: String },
     #[error("{path}: tensor `{name}` has shape {got:?}, expected {expected:?}")]
     Shape {

@@ -1,7 +1,9 @@
-//! The Qwen2 / Qwen2.5 decoder: token embedding → N × (RMSNorm → GQA self-attention with q/k/v
-//! bias and `rotate_half` RoPE → residual → RMSNorm → SwiGLU MLP → residual) → final RMSNorm →
-//! LM head (tied to the embedding or not). Generic over the Burn backend; batches may be
-//! left-padded (a key-validity mask plus per-row positions).
+//! The Qwen2 / Qwen2.5 and Qwen3 (dense) decoder: token embedding → N × (RMSNorm → GQA
+//! self-attention → residual → RMSNorm → SwiGLU MLP → residual) → final RMSNorm → LM head (tied to
+//! the embedding or not). The attention projects q/k/v (with a bias in Qwen2; in Qwen3 only with
+//! `attention_bias`, which also biases o), applies Qwen3's per-head RMSNorm to queries and keys
+//! (`q_norm`, `k_norm`, over `head_dim`), then `rotate_half` RoPE. Generic over the Burn backend;
+//! batches may be left-padded (a key-validity mask plus per-row positions).
 
 use burn::module::{Module, Param};
 use burn::nn::{RmsNorm, RmsNormConfig};
@@ -24,6 +26,10 @@ pub struct Attention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    /// Qwen3: RMSNorm over `head_dim` of each query head, before RoPE (`None` for Qwen2).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// Qwen3: RMSNorm over `head_dim` of each key head, before RoPE (`None` for Qwen2).
+    pub k_norm: Option<RmsNorm<B>>,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -43,10 +49,20 @@ impl<B: Backend> Attention<B> {
         let [b, t, _] = x.dims();
         let (nh, nkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = nh / nkv;
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let q = apply_rope(heads(self.q_proj.forward(x.clone()), nh), &rope.0, &rope.1);
-        let k = apply_rope(heads(self.k_proj.forward(x.clone()), nkv), &rope.0, &rope.1);
-        let v = heads(self.v_proj.forward(x), nkv);
+        // `[b, t, n·d]` → `[b, n, t, d]`, through the per-head norm (over `d`) when there is one.
+        let heads = |y: Tensor<B, 3>, n: usize, norm: Option<&RmsNorm<B>>| {
+            let y = y.reshape([b, t, n, d]);
+            let y = match norm {
+                Some(norm) => norm.forward(y),
+                None => y,
+            };
+            y.swap_dims(1, 2)
+        };
+        let q = heads(self.q_proj.forward(x.clone()), nh, self.q_norm.as_ref());
+        let k = heads(self.k_proj.forward(x.clone()), nkv, self.k_norm.as_ref());
+        let q = apply_rope(q, &rope.0, &rope.1);
+        let k = apply_rope(k, &rope.0, &rope.1);
+        let v = heads(self.v_proj.forward(x), nkv, None);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -110,7 +126,7 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-/// The seven projection layers of a Qwen2 block, by their Hugging Face names.
+/// The seven projection layers of a Qwen2 / Qwen3 block, by their Hugging Face names.
 pub const PROJECTIONS: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -160,28 +176,34 @@ impl<B: Backend> Qwen2<B> {
         };
         // Cannot borrow `src` in two closures at once: collect 1-D tensors through `vector`
         // and 2-D through a helper below.
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         let mut norms = Vec::new();
         let mut biases = Vec::new();
+        let mut qk_norms = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             norms.push((
                 vector(format!("{p}.input_layernorm.weight"), h)?,
                 vector(format!("{p}.post_attention_layernorm.weight"), h)?,
             ));
-            biases.push((
-                vector(
-                    format!("{p}.self_attn.q_proj.bias"),
-                    c.num_attention_heads * hd,
-                )?,
-                vector(
-                    format!("{p}.self_attn.k_proj.bias"),
-                    c.num_key_value_heads * hd,
-                )?,
-                vector(
-                    format!("{p}.self_attn.v_proj.bias"),
-                    c.num_key_value_heads * hd,
-                )?,
-            ));
+            let mut bias = |n: &str, len: usize, present: bool| {
+                present
+                    .then(|| vector(format!("{p}.self_attn.{n}.bias"), len))
+                    .transpose()
+            };
+            biases.push([
+                bias("q_proj", q_out, c.qkv_bias())?,
+                bias("k_proj", kv_out, c.qkv_bias())?,
+                bias("v_proj", kv_out, c.qkv_bias())?,
+                bias("o_proj", h, c.o_bias())?,
+            ]);
+            qk_norms.push(match c.qk_norm() {
+                true => Some((
+                    vector(format!("{p}.self_attn.q_norm.weight"), hd)?,
+                    vector(format!("{p}.self_attn.k_norm.weight"), hd)?,
+                )),
+                false => None,
+            });
         }
         let final_norm = vector("model.norm.weight".into(), h)?;
         let matrix = |src: &mut dyn TensorSource, name: &str, out: usize, inp: usize| {
@@ -202,22 +224,28 @@ impl<B: Backend> Qwen2<B> {
             device,
         );
         let norm_of = |gamma: Param<Tensor<B, 1>>| {
-            let mut n: RmsNorm<B> = RmsNormConfig::new(h)
+            let mut n: RmsNorm<B> = RmsNormConfig::new(gamma.dims()[0])
                 .with_epsilon(c.rms_norm_eps)
                 .init(device);
             n.gamma = gamma;
             n
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for (i, ((n1, n2), (qb, kb, vb))) in norms.into_iter().zip(biases).enumerate() {
+        let per_layer = norms.into_iter().zip(biases).zip(qk_norms);
+        for (i, (((n1, n2), [qb, kb, vb, ob]), qk)) in per_layer.enumerate() {
             let p = format!("model.layers.{i}");
-            let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+            let (q_norm, k_norm) = match qk {
+                Some((qn, kn)) => (Some(norm_of(qn)), Some(norm_of(kn))),
+                None => (None, None),
+            };
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), q_out, h, Some(qb))?,
-                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), kv_out, h, Some(kb))?,
-                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), kv_out, h, Some(vb))?,
-                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), h, q_out, None)?,
+                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), q_out, h, qb)?,
+                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), kv_out, h, kb)?,
+                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), kv_out, h, vb)?,
+                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), h, q_out, ob)?,
+                    q_norm,
+                    k_norm,
                     n_heads: c.num_attention_heads,
                     n_kv_heads: c.num_key_value_heads,
                     head_dim: hd,

@@ -1,6 +1,8 @@
-//! Hugging Face safetensors import and export: a single `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`; f32, bf16 and f16 stored tensors; `lm_head.weight` absent when the
-//! embedding is tied. Every refusal names the file and the tensor.
+//! Hugging Face safetensors import and export (Qwen2 / Qwen2.5 and Qwen3 dense): a single
+//! `model.safetensors` or shards listed in `model.safetensors.index.json`; f32, bf16 and f16 stored
+//! tensors; `lm_head.weight` absent when the embedding is tied; attention biases and Qwen3's
+//! `self_attn.q_norm` / `k_norm` weights present exactly when the config says so. Every refusal
+//! names the file and the tensor.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -44,7 +46,7 @@ impl SaveDtype {
     }
 }
 
-/// Loads `DIR/config.json` and the weights of a Hugging Face Qwen2 folder.
+/// Loads `DIR/config.json` and the weights of a Hugging Face Qwen2 or Qwen3 (dense) folder.
 pub fn load_qwen2<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Qwen2Config, Qwen2<B>)> {
     let config = Qwen2Config::from_dir(dir)?;
     let model = load_weights(dir, &config, device)?;
@@ -267,6 +269,11 @@ pub fn hf_tensors<B: Backend>(model: &Qwen2<B>) -> Vec<(String, TensorData)> {
             ));
             if let Some(b) = &lin.bias {
                 out.push((format!("{p}.{n}.bias"), data(b.val())));
+            }
+        }
+        for (n, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+            if let Some(norm) = norm {
+                out.push((format!("{p}.self_attn.{n}.weight"), data(norm.gamma.val())));
             }
         }
         out.push((

@@ -18,7 +18,7 @@ type B = Autodiff<I>;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/qwen2")
+        .join("../tests/fixtures")
         .join(name)
 }
 
@@ -62,7 +62,11 @@ fn param_bytes<Bk: Backend, M: Module<Bk>>(m: &M) -> usize {
 
 #[test]
 fn a_bf16_base_halves_the_weights_and_tracks_the_f32_logits() {
-    for name in ["tied-f16-gqa", "untied-f32-mha"] {
+    for name in [
+        "qwen2/tied-f16-gqa",
+        "qwen2/untied-f32-mha",
+        "qwen3/bias-f32-gqa-hd24",
+    ] {
         let (_, m32) = load_qwen2::<I>(&fixture(name), &Default::default()).unwrap();
         let m16 = m32.clone().with_base_dtype(FloatDType::BF16);
         assert_eq!(m16.embed_tokens.val().dtype(), DType::BF16);
@@ -72,6 +76,12 @@ fn a_bf16_base_halves_the_weights_and_tracks_the_f32_logits() {
             l0.self_attn.q_proj.bias.as_ref().unwrap().val().dtype(),
             DType::BF16
         );
+        if let Some(b) = &l0.self_attn.o_proj.bias {
+            assert_eq!(b.val().dtype(), DType::BF16);
+        }
+        if let Some(n) = &l0.self_attn.q_norm {
+            assert_eq!(n.gamma.val().dtype(), DType::F32, "q_norm stays f32");
+        }
         assert_eq!(l0.mlp.down_proj.weight.val().dtype(), DType::BF16);
         assert_eq!(l0.input_layernorm.gamma.val().dtype(), DType::F32);
         if let Some(h) = &m16.lm_head {
@@ -141,7 +151,7 @@ fn adapters_on_a_bf16_base_get_close_gradients_and_merge_to_f32() {
         alpha: 8.0,
         targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
     };
-    let (_, base) = load_qwen2::<B>(&fixture("tied-f16-gqa"), &dev).unwrap();
+    let (_, base) = load_qwen2::<B>(&fixture("qwen2/tied-f16-gqa"), &dev).unwrap();
     let run = |m: &Qwen2<B>| {
         let loss = logits(m).powf_scalar(2.0).mean();
         let g = loss.backward();

@@ -1,5 +1,6 @@
 //! LoRA: starts equal to the base, only the adapters get gradients, merging changes nothing,
-//! the PEFT-layout files round-trip exactly, bad adapter files are named.
+//! the PEFT-layout files round-trip exactly, bad adapter files are named. On a Qwen2 and a Qwen3
+//! fixture (the latter with head_dim != hidden / heads, so q_proj and o_proj are not square).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,12 @@ mod common;
 type I = NdArray<f32>;
 type B = Autodiff<I>;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/tied-f16-gqa")
+const FIXTURES: [&str; 2] = ["qwen2/tied-f16-gqa", "qwen3/tied-bf16-gqa-hd16"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 fn spec(targets: &[&str]) -> LoraSpec {
@@ -82,8 +87,14 @@ fn perturb(m: Qwen2<B>) -> Qwen2<B> {
 
 #[test]
 fn starts_as_the_base_and_merges_exactly() {
+    for name in FIXTURES {
+        starts_as_the_base_and_merges_exactly_on(name);
+    }
+}
+
+fn starts_as_the_base_and_merges_exactly_on(name: &str) {
     let dev = Default::default();
-    let (_, base) = load_qwen2::<B>(&fixture(), &dev).unwrap();
+    let (_, base) = load_qwen2::<B>(&fixture(name), &dev).unwrap();
     let base_logits = logits(&base);
     let adapted = base.clone().with_lora(&spec(&PROJECTIONS), 1, &dev);
     assert!(adapted.has_lora() && !base.has_lora());
@@ -110,8 +121,14 @@ fn starts_as_the_base_and_merges_exactly() {
 
 #[test]
 fn only_adapters_get_gradients() {
+    for name in FIXTURES {
+        only_adapters_get_gradients_on(name);
+    }
+}
+
+fn only_adapters_get_gradients_on(name: &str) {
     let dev = Default::default();
-    let (_, base) = load_qwen2::<B>(&fixture(), &dev).unwrap();
+    let (_, base) = load_qwen2::<B>(&fixture(name), &dev).unwrap();
     let m = perturb(base.with_lora(&spec(&["q_proj", "down_proj"]), 2, &dev));
     let toks = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &dev);
     let pos = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 3], [1, 4]), &dev);
@@ -142,12 +159,18 @@ fn only_adapters_get_gradients() {
 
 #[test]
 fn peft_files_round_trip_and_errors_name_the_tensor() {
+    for name in FIXTURES {
+        peft_files_round_trip_and_errors_name_the_tensor_on(name);
+    }
+}
+
+fn peft_files_round_trip_and_errors_name_the_tensor_on(name: &str) {
     let dev = Default::default();
     let dir = tempfile::tempdir().unwrap();
-    let (_, base) = load_qwen2::<B>(&fixture(), &dev).unwrap();
-    let s = spec(&["q_proj", "v_proj", "up_proj"]);
+    let (_, base) = load_qwen2::<B>(&fixture(name), &dev).unwrap();
+    let s = spec(&["q_proj", "v_proj", "o_proj", "up_proj"]);
     let m = perturb(base.clone().with_lora(&s, 3, &dev));
-    save_lora(&m, &s, Some(&fixture()), dir.path()).unwrap();
+    save_lora(&m, &s, Some(&fixture(name)), dir.path()).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
     )
@@ -159,6 +182,18 @@ fn peft_files_round_trip_and_errors_name_the_tensor() {
     assert_eq!(
         a.shape.as_slice(),
         [4, m.layers[0].self_attn.q_proj.weight.dims()[0]]
+    );
+    // o_proj maps heads·head_dim → hidden (not square in the Qwen3 fixture): PEFT's A is
+    // [r, in], B is [out, r].
+    let [o_in, o_out] = m.layers[0].self_attn.o_proj.weight.dims();
+    let o = "base_model.model.model.layers.0.self_attn.o_proj";
+    assert_eq!(
+        st[&format!("{o}.lora_A.weight")].shape.as_slice(),
+        [4, o_in]
+    );
+    assert_eq!(
+        st[&format!("{o}.lora_B.weight")].shape.as_slice(),
+        [o_out, 4]
     );
     let (loaded, s2) = load_lora(base.clone(), dir.path(), &dev).unwrap();
     assert_eq!(s2, s);

@@ -1,23 +1,37 @@
-//! The Burn Qwen2 is the same function as transformers' (fixtures written by
-//! `tests/fixtures/make_qwen2_fixtures.py`), its KV cache and padding change nothing, and its
-//! safetensors export round-trips bit for bit.
+//! The Burn Qwen2 / Qwen3 is the same function as transformers' (fixtures written by
+//! `tests/fixtures/make_qwen2_fixtures.py` and `make_qwen3_fixtures.py`), its KV cache and padding
+//! change nothing, and its safetensors export round-trips bit for bit. Every test runs over
+//! [`MODELS`], both families; the comparison with transformers also runs on `flex`.
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
+use burn::backend::{Flex, NdArray};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
-use qwen2_burn::{load_qwen2, save_qwen2, KvCache, ModelError, Qwen2, Qwen2Config, SaveDtype};
+use qwen2_burn::{
+    load_qwen2, save_qwen2, Family, KvCache, ModelError, Qwen2, Qwen2Config, SaveDtype,
+};
 use serde_json::Value;
 
 mod common;
 
 type B = NdArray<f32>;
 
-const MODELS: [&str; 3] = ["tied-bf16-sharded", "untied-f32-mha", "tied-f16-gqa"];
+/// Every fixture, as `family/name` under `tests/fixtures`. Qwen3: GQA with head_dim 16 != hidden
+/// 32 / 4 heads (tied, bf16, sharded), MHA (untied, f32), and attention_bias with head_dim 24;
+/// all have random (not unit) q_norm / k_norm weights.
+const MODELS: [&str; 6] = [
+    "qwen2/tied-bf16-sharded",
+    "qwen2/untied-f32-mha",
+    "qwen2/tied-f16-gqa",
+    "qwen3/tied-bf16-gqa-hd16",
+    "qwen3/untied-f32-mha",
+    "qwen3/bias-f32-gqa-hd24",
+];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/qwen2")
+        .join("../tests/fixtures")
         .join(name)
 }
 
@@ -42,18 +56,18 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-fn int2(rows: &[Vec<i64>]) -> Tensor<B, 2, Int> {
+fn int2<Bk: Backend>(rows: &[Vec<i64>]) -> Tensor<Bk, 2, Int> {
     let (b, t) = (rows.len(), rows[0].len());
     Tensor::from_data(TensorData::new(rows.concat(), [b, t]), &Default::default())
 }
 
-fn bool2(rows: &[Vec<bool>]) -> Tensor<B, 2, Bool> {
+fn bool2<Bk: Backend>(rows: &[Vec<bool>]) -> Tensor<Bk, 2, Bool> {
     let (b, t) = (rows.len(), rows[0].len());
     Tensor::from_data(TensorData::new(rows.concat(), [b, t]), &Default::default())
 }
 
 /// Log-probs of each next token of one unpadded sequence, by a full forward pass.
-fn full_logprobs(model: &Qwen2<B>, seq: &[i64]) -> Vec<f32> {
+fn full_logprobs<Bk: Backend>(model: &Qwen2<Bk>, seq: &[i64]) -> Vec<f32> {
     let t = seq.len();
     let hidden = model.hidden(
         int2(&[seq[..t - 1].to_vec()]),
@@ -62,7 +76,7 @@ fn full_logprobs(model: &Qwen2<B>, seq: &[i64]) -> Vec<f32> {
         None,
     );
     let lp = model.token_logprobs(hidden, int2(&[seq[1..].to_vec()]), 5);
-    lp.into_data().to_vec::<f32>().unwrap()
+    lp.into_data().convert::<f32>().to_vec::<f32>().unwrap()
 }
 
 fn last_logits(model: &Qwen2<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
@@ -107,11 +121,12 @@ fn greedy(model: &Qwen2<B>, config: &Qwen2Config, prompt: &[i64], n: usize) -> V
     out
 }
 
-#[test]
-fn logprobs_match_transformers_within_1e4() {
+/// Teacher-forced log-probs of every fixture's sequences equal transformers' within 1e-4.
+fn logprobs_match_transformers<Bk: Backend>() {
     for name in MODELS {
-        let (_, model) = load_qwen2::<B>(&fixture(name), &Default::default()).unwrap();
+        let (_, model) = load_qwen2::<Bk>(&fixture(name), &Default::default()).unwrap();
         let r = reference(name);
+        let mut worst = 0.0f32;
         for (seq, want) in r["sequences"]
             .as_array()
             .unwrap()
@@ -121,8 +136,20 @@ fn logprobs_match_transformers_within_1e4() {
             let got = full_logprobs(&model, &ids(seq));
             let d = common::max_diff(&got, &floats(want));
             assert!(d < 1e-4, "{name}: max |Δ logprob| = {d:e}");
+            worst = worst.max(d);
         }
+        eprintln!("{name}: max |Δ logprob| vs transformers = {worst:.2e}");
     }
+}
+
+#[test]
+fn logprobs_match_transformers_within_1e4() {
+    logprobs_match_transformers::<B>();
+}
+
+#[test]
+fn logprobs_match_transformers_within_1e4_flex() {
+    logprobs_match_transformers::<Flex>();
 }
 
 #[test]
@@ -145,9 +172,14 @@ fn greedy_tokens_match_transformers_where_the_margin_is_clear() {
 
 #[test]
 fn cached_decode_equals_full_forward() {
-    let (config, model) =
-        load_qwen2::<B>(&fixture("tied-bf16-sharded"), &Default::default()).unwrap();
-    let seq = ids(&reference("tied-bf16-sharded")["sequences"][2]);
+    for name in MODELS {
+        cached_decode_equals_full_forward_on(name);
+    }
+}
+
+fn cached_decode_equals_full_forward_on(name: &str) {
+    let (config, model) = load_qwen2::<B>(&fixture(name), &Default::default()).unwrap();
+    let seq = ids(&reference(name)["sequences"][2]);
     let t = seq.len();
     let full = model.logits(model.hidden(
         int2(std::slice::from_ref(&seq)),
@@ -180,7 +212,7 @@ fn cached_decode_equals_full_forward() {
     }
     assert_eq!(stepwise.len(), t * v);
     let d = common::max_diff(&stepwise, &full);
-    assert!(d < 1e-5, "cached vs full logits: max diff {d:e}");
+    assert!(d < 1e-5, "{name}: cached vs full logits: max diff {d:e}");
 }
 
 #[test]
@@ -282,15 +314,29 @@ fn export_reimport_is_bit_identical_single_and_sharded() {
                 shard == 4096
             );
             let (config2, model2) = load_qwen2::<B>(dir.path(), &Default::default()).unwrap();
-            assert_eq!(config2.num_parameters(), config.num_parameters());
-            assert_eq!(config2.rope_theta, config.rope_theta);
+            // The same config (family, head_dim, attention_bias, ...) but the recorded dtype.
+            let no_dtype = |c: &Qwen2Config| Qwen2Config {
+                torch_dtype: None,
+                ..c.clone()
+            };
+            assert_eq!(
+                no_dtype(&config2),
+                no_dtype(&config),
+                "{name}: config changed"
+            );
             assert!(
                 all_weights(&model) == all_weights(&model2),
                 "{name}: weights changed"
             );
         }
+        // The config's parameter count is the checkpoint's.
+        let stored: usize = qwen2_burn::hf_tensors(&model)
+            .iter()
+            .map(|(_, d)| d.num_elements())
+            .sum();
+        assert_eq!(stored, config.num_parameters(), "{name}: parameter count");
         // bf16 storage of weights that came from bf16 is exact too.
-        if name == "tied-bf16-sharded" {
+        if name.contains("bf16") {
             let dir = tempfile::tempdir().unwrap();
             save_qwen2(&model, &config, dir.path(), SaveDtype::Bf16, usize::MAX).unwrap();
             let (_, model2) = load_qwen2::<B>(dir.path(), &Default::default()).unwrap();
@@ -323,7 +369,7 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     let tmp = tempfile::tempdir().unwrap();
     // Truncated single-file checkpoint.
     let d = tmp.path().join("truncated");
-    copy_dir(&fixture("untied-f32-mha"), &d);
+    copy_dir(&fixture("qwen2/untied-f32-mha"), &d);
     let st = d.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
@@ -334,7 +380,7 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     );
     // Missing shard.
     let d = tmp.path().join("missing-shard");
-    copy_dir(&fixture("tied-bf16-sharded"), &d);
+    copy_dir(&fixture("qwen2/tied-bf16-sharded"), &d);
     std::fs::remove_file(d.join("model-00003-of-00010.safetensors")).unwrap();
     let e = load_err(&d);
     assert!(
@@ -343,7 +389,7 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     );
     // A tensor with the wrong shape: claim one more layer-0 head dimension in config → q_proj mismatch.
     let d = tmp.path().join("wrong-shape");
-    copy_dir(&fixture("untied-f32-mha"), &d);
+    copy_dir(&fixture("qwen2/untied-f32-mha"), &d);
     let cfg = d.join("config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -356,7 +402,7 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     );
     // Malformed config.json.
     let d = tmp.path().join("bad-config");
-    copy_dir(&fixture("untied-f32-mha"), &d);
+    copy_dir(&fixture("qwen2/untied-f32-mha"), &d);
     std::fs::write(d.join("config.json"), "{\"hidden_size\": 48,").unwrap();
     let e = load_err(&d);
     assert!(
@@ -386,7 +432,7 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     }
     // A missing tensor names itself and the file: a tied checkpoint (no lm_head) claimed untied.
     let d = tmp.path().join("missing-tensor");
-    copy_dir(&fixture("tied-f16-gqa"), &d);
+    copy_dir(&fixture("qwen2/tied-f16-gqa"), &d);
     let text = std::fs::read_to_string(d.join("config.json")).unwrap();
     let text = text.replace(
         "\"tie_word_embeddings\": true",
@@ -401,9 +447,124 @@ fn bad_inputs_give_one_line_errors_naming_the_problem() {
     ));
 }
 
+/// Rewrites `dir/config.json` by `edit`.
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let p = dir.join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn qwen3_mismatches_give_one_line_errors_naming_the_tensor_or_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let as_family = |c: &mut serde_json::Map<String, Value>, ty: &str, arch: &str| {
+        c.insert("model_type".into(), ty.into());
+        c.insert("architectures".into(), serde_json::json!([arch]));
+    };
+    // A Qwen2 checkpoint declared Qwen3: the first q_norm is missing (the geometry fits).
+    let d = tmp.path().join("qwen2-as-qwen3");
+    copy_dir(&fixture("qwen2/tied-f16-gqa"), &d);
+    edit_config(&d, |c| {
+        as_family(c, "qwen3", "Qwen3ForCausalLM");
+        c.insert("head_dim".into(), 8.into());
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("`model.layers.0.self_attn.q_norm.weight` is missing"),
+        "{e}"
+    );
+    // A Qwen3 checkpoint declared Qwen2 (head_dim 12 = 48 / 4 fits): its q_proj has no bias.
+    let d = tmp.path().join("qwen3-as-qwen2");
+    copy_dir(&fixture("qwen3/untied-f32-mha"), &d);
+    edit_config(&d, |c| as_family(c, "qwen2", "Qwen2ForCausalLM"));
+    let e = load_err(&d);
+    assert!(
+        e.contains("`model.layers.0.self_attn.q_proj.bias` is missing"),
+        "{e}"
+    );
+    // Biases the config does not declare are refused by name.
+    let d = tmp.path().join("undeclared-bias");
+    copy_dir(&fixture("qwen3/bias-f32-gqa-hd24"), &d);
+    edit_config(&d, |c| {
+        c.insert("attention_bias".into(), false.into());
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("unexpected tensor `model.layers.0.self_attn.k_proj.bias`"),
+        "{e}"
+    );
+    // Declared biases that are not stored are missing by name.
+    let d = tmp.path().join("missing-bias");
+    copy_dir(&fixture("qwen3/untied-f32-mha"), &d);
+    edit_config(&d, |c| {
+        c.insert("attention_bias".into(), true.into());
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("`model.layers.0.self_attn.q_proj.bias` is missing"),
+        "{e}"
+    );
+    // A wrong head_dim is a shape error (q_norm's, the first tensor of that size asked for).
+    let d = tmp.path().join("wrong-head-dim");
+    copy_dir(&fixture("qwen3/tied-bf16-gqa-hd16"), &d);
+    edit_config(&d, |c| {
+        c.insert("head_dim".into(), 8.into());
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("`model.layers.0.self_attn.q_norm.weight` has shape [16], expected [8]"),
+        "{e}"
+    );
+    // Config keys.
+    let base = r#""vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1"#;
+    for (extra, needle) in [
+        (
+            r#""model_type": "qwen3", "architectures": ["Qwen2ForCausalLM"]"#,
+            "model_type `qwen3` disagrees with architectures",
+        ),
+        (
+            r#""model_type": "qwen3_moe""#,
+            "unsupported model_type `qwen3_moe`",
+        ),
+        (
+            r#""model_type": "qwen3", "head_dim": 7"#,
+            "head_dim 7 must be even",
+        ),
+        (
+            r#""model_type": "qwen3", "head_dim": "x""#,
+            "key `head_dim`",
+        ),
+        (
+            r#""model_type": "qwen3", "attention_bias": 1"#,
+            "key `attention_bias` is not a boolean",
+        ),
+        (
+            r#""model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]"#,
+            "layer_types contains \"sliding_attention\"",
+        ),
+    ] {
+        let e = Qwen2Config::from_json_str(&format!("{{{base}, {extra}}}")).unwrap_err();
+        assert!(e.contains(needle) && !e.contains('\n'), "{e}");
+    }
+    // Qwen3 needs no divisibility of hidden by heads, and defaults head_dim as transformers does.
+    let c = Qwen2Config::from_json_str(
+        r#"{"vocab_size": 8, "hidden_size": 6, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "model_type": "qwen3"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (c.family, c.head_dim, c.attention_bias),
+        (Family::Qwen3, 128, false)
+    );
+}
+
 #[test]
 fn both_config_layouts_parse() {
-    let new = Qwen2Config::from_dir(&fixture("tied-bf16-sharded")).unwrap();
+    let new = Qwen2Config::from_dir(&fixture("qwen2/tied-bf16-sharded")).unwrap();
     assert_eq!(new.rope_theta, 1e6);
     assert!(new.tie_word_embeddings);
     assert_eq!(
@@ -414,7 +575,44 @@ fn both_config_layouts_parse() {
         ),
         (4, 2, 16)
     );
-    let old = Qwen2Config::from_dir(&fixture("untied-f32-mha")).unwrap();
+    let old = Qwen2Config::from_dir(&fixture("qwen2/untied-f32-mha")).unwrap();
     assert_eq!(old.rope_theta, 1e4);
     assert!(!old.tie_word_embeddings);
+    assert_eq!(
+        (old.family, old.qkv_bias(), old.o_bias(), old.qk_norm()),
+        (Family::Qwen2, true, false, false)
+    );
+    let q3 = Qwen2Config::from_dir(&fixture("qwen3/tied-bf16-gqa-hd16")).unwrap();
+    assert_eq!(
+        (
+            q3.family,
+            q3.hidden_size,
+            q3.num_attention_heads,
+            q3.num_key_value_heads,
+            q3.head_dim
+        ),
+        (Family::Qwen3, 32, 4, 2, 16)
+    );
+    assert_eq!(
+        (q3.qkv_bias(), q3.o_bias(), q3.qk_norm(), q3.rope_theta),
+        (false, false, true, 1e6)
+    );
+    let biased = Qwen2Config::from_dir(&fixture("qwen3/bias-f32-gqa-hd24")).unwrap();
+    assert_eq!(
+        (biased.qkv_bias(), biased.o_bias(), biased.head_dim),
+        (true, true, 24)
+    );
+    // Export writes the family's layout back.
+    let v = q3.to_hf_json("bfloat16");
+    assert_eq!(v["model_type"], "qwen3");
+    assert_eq!(v["architectures"], serde_json::json!(["Qwen3ForCausalLM"]));
+    assert_eq!(
+        (v["head_dim"].as_u64(), v["attention_bias"].as_bool()),
+        (Some(16), Some(false))
+    );
+    let v = old.to_hf_json("float32");
+    assert_eq!(
+        (v["model_type"].as_str(), v.get("head_dim")),
+        (Some("qwen2"), None)
+    );
 }

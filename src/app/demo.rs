@@ -515,6 +515,8 @@ fn write_jsonl(path: &Path, items: &[McqaItem]) -> Result<()> {
 /// Demo geometry.
 pub fn demo_config(vocab: usize, eos: u32) -> Qwen2Config {
     Qwen2Config {
+        family: qwen2_burn::Family::Qwen2,
+        attention_bias: false,
         vocab_size: vocab,
         hidden_size: 128,
         intermediate_size: 256,
