@@ -6,8 +6,13 @@ export MEDRLVR_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/d
 
 .PHONY: test test-wgpu check-no-avx512 check-cuda fmt clippy bench-kernels fixtures
 
+# With Open MPI (or MPICH) and libclang installed (`.ci/run` installs them), the suite is built
+# with the `mpi` feature and runs tests/mpi.rs (real `mpirun -n 2` jobs); without them, it is built
+# without it. The feature adds only code behind `train --mpi`, so the other tests are the same.
+MPI_FEATURE := $(if $(and $(shell command -v mpicc 2>/dev/null),$(shell ldconfig -p 2>/dev/null | grep -E -m1 'libclang(-[0-9.]+)?\.so')),--features med-rlvr/mpi,)
+
 test:
-	$(CARGO) test --release --workspace
+	$(CARGO) test --release --workspace $(MPI_FEATURE)
 
 # The backend-generic tests on wgpu (cubecl's GPU path), for CI on Mesa's software Vulkan
 # (apt-get install mesa-vulkan-drivers) or on any Vulkan GPU. `make test` ran them on ndarray and flex.

@@ -78,12 +78,16 @@ fn private_autotune_cache() {
     let _ = AUTOTUNE_DIR.set(dir);
 }
 
-/// Ends the process with `code`, removing the private autotune folder of a wgpu build first.
+/// Ends the process with `code`, removing the private autotune folder of a wgpu build first. In
+/// an MPI job (`train --mpi`): finalises MPI on success, and aborts the whole job otherwise (the
+/// other ranks may be waiting for this one).
 fn exit(code: i32) -> ! {
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
     if let Some(dir) = AUTOTUNE_DIR.get() {
         let _ = std::fs::remove_dir_all(dir);
     }
+    #[cfg(feature = "mpi")]
+    med_rlvr::parallel::mpi::end(code);
     std::process::exit(code)
 }
 
@@ -100,6 +104,14 @@ fn main() {
         }
     }
     if let Err(e) = cli::run::<Backend>(cli, device) {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = med_rlvr::parallel::mpi::active().filter(|m| m.size > 1) {
+            m.report(&format!(
+                "error on MPI rank {} of {}: {e:#}",
+                m.rank, m.size
+            ));
+            exit(med_rlvr::exit::status(&e));
+        }
         eprintln!("error: {e:#}");
         exit(med_rlvr::exit::status(&e));
     }

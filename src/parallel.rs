@@ -10,6 +10,9 @@
 //! A replica is built independently on its device (same files, same seeds, so the same values);
 //! [`stable_param_ids`] numbers the parameters by position so that the all-reduce, which walks
 //! gradients in parameter-id order, pairs the same parameter on every replica.
+//!
+//! Across processes and nodes (`--features mpi`, `train --mpi`): one replica per process, and,
+//! once [`mpi::init`] has run, the same `World` calls go through MPI instead (see `mpi.rs`).
 
 use std::ops::Range;
 
@@ -21,6 +24,15 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 
 use crate::advantages::{self as adv, Grid};
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+/// The MPI world of this process, when `--features mpi` and [`mpi::init`] made one.
+#[cfg(feature = "mpi")]
+fn over_mpi(size: usize) -> Option<&'static mpi::Mpi> {
+    mpi::active().filter(|_| size > 1)
+}
 
 /// This replica's place among the data-parallel replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +64,10 @@ impl World {
         if rank >= size {
             bail!("replica {rank} of {size}: rank out of range");
         }
+        #[cfg(feature = "mpi")]
+        if size > 1 && mpi::active().is_some() {
+            bail!("replicas on threads (--devices) and across MPI processes (--mpi) do not mix");
+        }
         if size > 1 {
             let config = CollectiveConfig::default().with_num_devices(size);
             collective::register::<B>(PeerId::from(rank), device.clone(), config)
@@ -73,6 +89,16 @@ impl World {
         PeerId::from(self.rank)
     }
 
+    /// The index of this replica's device among its node's (threads: the rank; MPI: the rank
+    /// among the processes on this node).
+    pub fn local_rank(&self) -> usize {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = mpi::active() {
+            return m.local_rank;
+        }
+        self.rank
+    }
+
     /// This replica's contiguous share of `n` items (`n` must divide evenly).
     pub fn shard(&self, n: usize) -> Range<usize> {
         let per = n / self.size;
@@ -80,10 +106,15 @@ impl World {
     }
 
     /// Element-wise sum of `xs` over the replicas (every replica passes the same length). The
-    /// values travel as f32: exact for counts below 2²⁴, ~6e-8 relative otherwise.
+    /// values travel as f32 between threads: exact for counts below 2²⁴, ~6e-8 relative
+    /// otherwise; as f64 over MPI.
     pub fn sum<B: Backend>(&self, xs: &[f64], device: &B::Device) -> Result<Vec<f64>> {
         if self.size == 1 || xs.is_empty() {
             return Ok(xs.to_vec());
+        }
+        #[cfg(feature = "mpi")]
+        if let Some(m) = over_mpi(self.size) {
+            return Ok(m.sum(xs, "a sum of batch statistics"));
         }
         let data: Vec<f32> = xs.iter().map(|&x| x as f32).collect();
         let t = Tensor::<B, 1>::from_data(TensorData::new(data, [xs.len()]), device);
@@ -138,6 +169,10 @@ impl World {
         if self.size == 1 {
             return Ok(grads);
         }
+        #[cfg(feature = "mpi")]
+        if let Some(m) = over_mpi(self.size) {
+            return m.sum_grads::<B::InnerBackend>(grads);
+        }
         grads
             .all_reduce::<B::InnerBackend>(self.peer(), ReduceOperation::Sum)
             .map_err(|e| anyhow!("replica {}: gradient all-reduce failed: {e:?}", self.rank))
@@ -146,16 +181,24 @@ impl World {
 
 /// Renumbers a module's float parameters `base, base + 1, …` in visiting order, so that two
 /// replicas built separately give the same parameter the same id.
+/// Over MPI, the shapes are recorded too: the gradient all-reduce walks them in this order.
 pub fn stable_param_ids<B: Backend, M: Module<B>>(module: M, base: u64) -> M {
-    struct Renumber(u64);
+    struct Renumber(u64, Vec<Vec<usize>>);
     impl<B: Backend> ModuleMapper<B> for Renumber {
         fn map_float<const D: usize>(&mut self, mut p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             p.id = ParamId::from(self.0);
             self.0 += 1;
+            self.1.push(p.lazy_shape().to_vec());
             p
         }
     }
-    module.map(&mut Renumber(base))
+    let mut renumber = Renumber(base, vec![]);
+    let module = module.map(&mut renumber);
+    #[cfg(feature = "mpi")]
+    mpi::record_layout(base, renumber.1);
+    #[cfg(not(feature = "mpi"))]
+    drop(renumber);
+    module
 }
 
 /// Device `index` of the backend kind of `device` (CUDA/wgpu: the GPU with that index; the CPU

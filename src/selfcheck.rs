@@ -36,8 +36,10 @@ pub struct Case {
     pub tied: bool,
     /// Two query heads per key/value head (else one).
     pub gqa: bool,
-    /// Hidden size (4 query heads: head dim hidden / 4).
+    /// Hidden size (4 query heads: head dim hidden / 4, or hidden / 2 for Qwen3).
     pub hidden: usize,
+    /// A Qwen3 geometry (per-head q/k RMSNorm, no bias, `head_dim` ≠ hidden / heads), else Qwen2.
+    pub qwen3: bool,
     pub vocab: usize,
     pub lora: bool,
     /// `(prompt length, response length)` per row; both at least 1.
@@ -51,8 +53,9 @@ impl std::fmt::Display for Case {
         let rows: Vec<String> = self.rows.iter().map(|(p, r)| format!("{p}+{r}")).collect();
         write!(
             f,
-            "seed {} {} {} hidden {} vocab {}{} chunk {} rows [{}]",
+            "seed {} {} {} {} hidden {} vocab {}{} chunk {} rows [{}]",
             self.seed,
+            if self.qwen3 { "qwen3" } else { "qwen2" },
             if self.tied { "tied" } else { "untied" },
             if self.gqa { "gqa" } else { "mha" },
             self.hidden,
@@ -70,14 +73,16 @@ pub const VOCABS: [usize; 4] = [61, 97, 128, 1457];
 pub const HIDDENS: [usize; 2] = [32, 64];
 
 /// `n` cases drawn from `seed`: batch 1–6, prompt 1–40 and response 1–40 tokens (totals up to
-/// 80), chunks 1–17.
+/// 80), chunks 1–17; Qwen2 and Qwen3 geometries alternate (by the case's seed).
 pub fn cases(seed: u64, n: usize) -> Vec<Case> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..n)
         .map(|i| {
             let b = rng.random_range(1..=6);
+            let seed = seed.wrapping_mul(1000).wrapping_add(i as u64);
             Case {
-                seed: seed.wrapping_mul(1000).wrapping_add(i as u64),
+                seed,
+                qwen3: seed % 2 == 1,
                 tied: rng.random(),
                 gqa: rng.random(),
                 hidden: HIDDENS[rng.random_range(0..HIDDENS.len())],
@@ -178,8 +183,15 @@ pub fn run_case<B: AutodiffBackend, R: AutodiffBackend>(
 /// The case's model geometry.
 pub fn config(case: &Case) -> Qwen2Config {
     let kv = if case.gqa { 2 } else { 4 };
+    let family = match case.qwen3 {
+        true => format!(
+            r#""model_type": "qwen3", "head_dim": {}, "attention_bias": false,"#,
+            case.hidden / 2
+        ),
+        false => r#""model_type": "qwen2","#.to_string(),
+    };
     Qwen2Config::from_json_str(&format!(
-        r#"{{"vocab_size": {}, "hidden_size": {}, "intermediate_size": {},
+        r#"{{{family} "vocab_size": {}, "hidden_size": {}, "intermediate_size": {},
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": {kv},
             "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
             "tie_word_embeddings": {}, "eos_token_id": 0}}"#,

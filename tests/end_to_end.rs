@@ -418,3 +418,18 @@ fn overlong_shaping_lowers_the_reward_by_the_length_past_the_free_zone() {
     assert_eq!(med_rlvr::reward::overlong_penalty(20, 20, 4, 2.0), -2.0);
     assert_eq!(med_rlvr::reward::overlong_penalty(20, 20, 0, 1.0), 0.0);
 }
+
+/// Every preset in `assets/presets` is a valid config (ranges and relationships checked).
+#[test]
+fn every_preset_is_a_valid_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/presets");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            TrainConfig::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{e:#}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "{n} presets");
+}

@@ -2,7 +2,8 @@
 //! on the backend under test equals the CPU reference (ndarray) on a seeded property-based sweep
 //! of shapes — batch 1–6, prompt and response lengths that cover every residue mod 8 plus odd
 //! and prime lengths up to 40 each (totals up to 80), chunks that do and do not divide the
-//! response width, tied/untied heads, GQA/MHA, hidden 32/64, vocabularies 61–1457, LoRA on and off. Any
+//! response width, tied/untied heads, GQA/MHA, hidden 32/64, vocabularies 61–1457, LoRA on and off,
+//! Qwen2 and Qwen3 geometries (q/k norms, `head_dim` ≠ hidden / heads; by the seed's parity). Any
 //! element outside its tolerance, any NaN/Inf, any length mismatch fails the case.
 
 use burn::backend::{Autodiff, NdArray};
@@ -33,6 +34,7 @@ fn case() -> impl Strategy<Value = Case> {
     )
         .prop_map(|(seed, tied, gqa, hidden, vocab, lora, rows, chunk)| Case {
             seed: seed % 1_000_000,
+            qwen3: seed % 2 == 1,
             tied,
             gqa,
             hidden,

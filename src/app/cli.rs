@@ -257,6 +257,18 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub devices: usize,
+    /// One process of a data-parallel job across processes and nodes over MPI: launch as
+    /// `mpirun -n N med-rlvr train --mpi ...` (or `srun`). Every rank reads the same config and
+    /// takes 1/N of `rollout.prompts_per_step` on the device its rank on the node picks; rank 0
+    /// logs, evaluates and writes checkpoints. Needs a build with `--features mpi`.
+    #[arg(long)]
+    pub mpi: bool,
+    /// With --mpi: abort the job when one collective waits longer than this for the other ranks
+    /// (a hung or unreachable rank); 0: no limit. Rank 0's held-out evaluation and checkpoint
+    /// writes happen while the others wait, so it must exceed them.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600.0, requires = "mpi",
+          value_parser = seconds)]
+    pub mpi_timeout: f64,
     /// Continue a run: a checkpoint folder, a run folder (its latest checkpoint), or `latest`
     /// (the latest in `--out`). Without `--config`, the checkpoint's config is used.
     #[arg(long, value_name = "DIR|latest")]
@@ -495,6 +507,15 @@ fn non_negative_real(s: &str) -> Result<f32, String> {
     (x >= 0.0)
         .then_some(x)
         .ok_or_else(|| format!("{s} is out of range: must be >= 0"))
+}
+
+/// A duration in seconds: a finite real in `[0, 1e9]`.
+fn seconds(s: &str) -> Result<f64, String> {
+    let x: f64 = finite(s)?;
+    (0.0..=1e9)
+        .contains(&x)
+        .then_some(x)
+        .ok_or_else(|| format!("{s} is out of range: must be in [0, 1e9] seconds"))
 }
 
 /// Sampling temperature: a finite real `>= 0` (0 is greedy).

@@ -30,6 +30,9 @@ pub struct RunOptions {
     pub faults: Faults,
     /// Data-parallel replicas, one per device (0 or 1: one device).
     pub devices: usize,
+    /// This process is replica `world.rank` of a job of `world.size` processes (`train --mpi`,
+    /// after `parallel::mpi::init`); `devices` must then be 0 or 1.
+    pub world: Option<World>,
 }
 
 /// What a run did.
@@ -80,7 +83,13 @@ fn open_log(path: &Path, append: bool) -> Result<std::fs::File> {
 pub(super) fn check_shardable(cfg: &TrainConfig, devices: usize) -> Result<()> {
     let n = cfg.rollout.prompts_per_step;
     if !n.is_multiple_of(devices) {
-        bail!("rollout.prompts_per_step ({n}) must be a multiple of the number of devices ({devices})");
+        let what = match cfg!(feature = "mpi") {
+            true => "data-parallel replicas (devices or MPI ranks)",
+            false => "devices",
+        };
+        bail!(
+            "rollout.prompts_per_step ({n}) must be a multiple of the number of {what} ({devices})"
+        );
     }
     Ok(())
 }
@@ -89,15 +98,15 @@ pub(super) fn check_shardable(cfg: &TrainConfig, devices: usize) -> Result<()> {
 /// checkpoints (`train.save_every`), resume, the NaN/Inf guard (`train.max_bad_steps`), a clean
 /// stop on `opts.stop`, and the final actor in `OUT/final`. With `opts.devices > 1`, one replica
 /// per device (device `i` of `device`'s kind; on the CPU backends they share the CPU), each on
-/// its own thread; replica 0 logs, evaluates and writes checkpoints (see `parallel.rs`).
+/// its own thread; replica 0 logs, evaluates and writes checkpoints (see `parallel.rs`). With
+/// `opts.world`, this process is one replica of a multi-process job (MPI), on device
+/// `world.local_rank()` of `device`'s kind; rank 0 logs, evaluates and writes checkpoints.
 pub fn run<B: AutodiffBackend>(
     cfg: TrainConfig,
     out: &Path,
     device: B::Device,
     opts: &RunOptions,
 ) -> Result<RunOutcome> {
-    let size = opts.devices.max(1);
-    check_shardable(&cfg, size)?;
     let write_config = |cfg: &TrainConfig| -> Result<()> {
         std::fs::create_dir_all(out)
             .with_context(|| format!("{}: cannot create", out.display()))?;
@@ -105,6 +114,65 @@ pub fn run<B: AutodiffBackend>(
         std::fs::write(&path, toml::to_string_pretty(cfg)?)
             .with_context(|| format!("{}: cannot write", path.display()))
     };
+    if let Some(world) = opts.world {
+        if opts.devices > 1 {
+            bail!(
+                "--devices {} with --mpi: each MPI rank drives one device (its rank on the node \
+                 picks it); launch {} ranks per node instead",
+                opts.devices,
+                opts.devices
+            );
+        }
+        check_shardable(&cfg, world.size)?;
+        let local = world.local_rank();
+        let device = nth_device(&device, local);
+        if nth_device(&device, 1) != device {
+            let found = B::device_count(device.id().type_id);
+            if local >= found {
+                bail!(
+                    "--mpi: this node runs {} or more ranks but has {found} device(s) of this \
+                     backend's kind; launch at most {found} ranks per node",
+                    local + 1
+                );
+            }
+        }
+        let trainer = Trainer::<B>::replica(cfg, device, world)?;
+        if world.is_main() {
+            write_config(&trainer.cfg)?;
+        }
+        let quiet = opts.quiet || !world.is_main();
+        let started = std::time::Instant::now();
+        let outcome = drive(
+            trainer,
+            out,
+            &RunOptions {
+                quiet,
+                ..opts.clone()
+            },
+        )?;
+        #[cfg(feature = "mpi")]
+        if let (true, Some(m)) = (world.is_main(), crate::parallel::mpi::active()) {
+            let t = m.traffic();
+            let steps = outcome.metrics.len().max(1) as f64;
+            eprintln!(
+                "mpi: {} ranks on {} node(s), {} steps in {:.1} s: {} all-reduce calls, {:.3} MB \
+                 per rank per step ({:.3} MB of gradients in {:.1} calls)",
+                m.size,
+                m.nodes,
+                outcome.metrics.len(),
+                started.elapsed().as_secs_f64(),
+                t.calls,
+                t.bytes as f64 / steps / 1e6,
+                t.grad_bytes as f64 / steps / 1e6,
+                t.grad_calls as f64 / steps
+            );
+        }
+        #[cfg(not(feature = "mpi"))]
+        let _ = started;
+        return Ok(outcome);
+    }
+    let size = opts.devices.max(1);
+    check_shardable(&cfg, size)?;
     if size == 1 {
         // Built (inputs checked, weights loaded) before anything is written into the run folder.
         let trainer = Trainer::<B>::new(cfg, device)?;

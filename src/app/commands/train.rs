@@ -1,19 +1,86 @@
-//! `med-rlvr train`: a training run (`med_rlvr::trainer::run`), new or resumed.
+//! `med-rlvr train`: a training run (`med_rlvr::trainer::run`), new or resumed; with `--mpi`, one
+//! rank of a job across processes (`med_rlvr::parallel::mpi`).
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
+use med_rlvr::parallel::World;
 
 use crate::app::cli::TrainArgs;
+
+/// With `--mpi`: joins the MPI job (this process's rank); `None` without.
+fn join_mpi(a: &TrainArgs) -> Result<Option<World>> {
+    if !a.mpi {
+        return Ok(None);
+    }
+    if a.devices > 1 {
+        bail!(
+            "--mpi with --devices {}: each MPI rank drives one device (its rank on the node picks \
+             it); launch {} ranks per node instead",
+            a.devices,
+            a.devices
+        );
+    }
+    #[cfg(not(feature = "mpi"))]
+    bail!(
+        "--mpi: this binary was built without MPI; build it with `cargo build --release \
+         --features mpi` (needs Open MPI or MPICH, and libclang)"
+    );
+    #[cfg(feature = "mpi")]
+    {
+        let timeout =
+            (a.mpi_timeout > 0.0).then(|| std::time::Duration::from_secs_f64(a.mpi_timeout));
+        let world = med_rlvr::parallel::mpi::init(timeout)?;
+        if world.size == 1 {
+            eprintln!(
+                "--mpi: a job of one process (launch N with `mpirun -n N med-rlvr train --mpi ...`)"
+            );
+        }
+        Ok(Some(world))
+    }
+}
+
+/// `f` on rank 0, its path sent to every rank (so that all use rank 0's run folder and
+/// checkpoint); `f` itself in one process.
+fn from_main(
+    world: Option<World>,
+    f: impl FnOnce() -> Result<Option<PathBuf>>,
+) -> Result<Option<PathBuf>> {
+    match world {
+        #[cfg(feature = "mpi")]
+        Some(w) if w.size > 1 => {
+            use std::os::unix::ffi::{OsStrExt, OsStringExt};
+            let mpi = med_rlvr::parallel::mpi::active().context("MPI is not initialised")?;
+            // [0]: none; [1, bytes...]: a path.
+            let mine = match w.is_main() {
+                true => match f()? {
+                    Some(p) => [&[1u8][..], p.as_os_str().as_bytes()].concat(),
+                    None => vec![0],
+                },
+                false => vec![],
+            };
+            let got = mpi.share(&mine);
+            Ok((got.first() == Some(&1))
+                .then(|| PathBuf::from(std::ffi::OsString::from_vec(got[1..].to_vec()))))
+        }
+        _ => f(),
+    }
+}
 
 pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result<()> {
     use med_rlvr::checkpoint;
     use med_rlvr::config::TrainConfig;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let resume = a
-        .resume
-        .as_ref()
-        .map(|r| checkpoint::resolve(r, a.out.as_deref()))
-        .transpose()?;
+    let world = join_mpi(&a)?;
+    // Rank 0 speaks for the job; the others only report their own errors.
+    let main = world.is_none_or(|w| w.is_main());
+    let resume = from_main(world, || {
+        a.resume
+            .as_ref()
+            .map(|r| checkpoint::resolve(r, a.out.as_deref()))
+            .transpose()
+    })?;
     let mut cfg = match (&a.config, &resume) {
         (None, Some(ck)) => checkpoint::read_config(ck, &a.set)?,
         _ => TrainConfig::load(a.config.as_deref(), &a.set)?,
@@ -29,7 +96,7 @@ pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result
             if !set("data.format") {
                 cfg.data.format = med_rlvr::task::DataFormat::Auto;
             }
-            if !set("data.eval") && cfg.data.eval.take().is_some() {
+            if !set("data.eval") && cfg.data.eval.take().is_some() && main {
                 eprintln!(
                     "--data with the embedded demo preset: data.format = \"auto\", no held-out \
                      set (set data.eval to evaluate on one)"
@@ -59,7 +126,7 @@ pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result
                 diff.join("\n  ")
             );
         }
-        for d in &diff {
+        for d in diff.iter().filter(|_| main) {
             eprintln!("warning: resuming with a changed setting: {d}");
         }
     }
@@ -75,9 +142,14 @@ pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result
     if let Some(e) = &eval_file {
         inputs.push(("data.eval", e.as_path()));
     }
-    let out =
-        med_rlvr::trainer::run_folder(a.out.as_deref(), resume.as_deref(), a.overwrite, &inputs)?;
-    eprintln!("run folder: {}", out.display());
+    let out = from_main(world, || {
+        med_rlvr::trainer::run_folder(a.out.as_deref(), resume.as_deref(), a.overwrite, &inputs)
+            .map(Some)
+    })?
+    .context("rank 0 sent no run folder")?;
+    if main {
+        eprintln!("run folder: {}", out.display());
+    }
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -85,22 +157,35 @@ pub(crate) fn run<B: AutodiffBackend>(a: TrainArgs, device: B::Device) -> Result
             eprintln!("\nsecond interrupt: exiting without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!(
-            "\ninterrupt: finishing the current step, then writing a checkpoint (again to abort)"
-        );
+        if main {
+            eprintln!(
+                "\ninterrupt: finishing the current step, then writing a checkpoint (again to \
+                 abort)"
+            );
+        }
     })
     .context("cannot install the SIGINT/SIGTERM handler")?;
+    #[cfg(feature = "mpi")]
+    if world.is_some() {
+        med_rlvr::parallel::mpi::stop_on_sigusr1(stop.clone())?;
+    }
     let opts = med_rlvr::trainer::RunOptions {
         quiet: a.quiet,
         resume,
         stop: Some(stop),
         devices: a.devices,
+        world,
         ..Default::default()
     };
     let outcome = med_rlvr::trainer::run::<B>(cfg, &out, device, &opts).inspect_err(|_| {
         // A run refused before writing anything leaves no empty folder behind.
-        let _ = std::fs::remove_dir(&out);
+        if main {
+            let _ = std::fs::remove_dir(&out);
+        }
     })?;
+    if !main {
+        return Ok(());
+    }
     let metrics = &outcome.metrics;
     let first = metrics
         .first()
