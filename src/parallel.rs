@@ -201,6 +201,13 @@ pub fn stable_param_ids<B: Backend, M: Module<B>>(module: M, base: u64) -> M {
     module
 }
 
+/// How many devices of `device`'s kind there are, for the kinds that have several (CUDA, wgpu);
+/// `None` for the CPU backends, whose one device the replicas share.
+pub fn device_count<B: Backend>(device: &B::Device) -> Option<usize> {
+    use burn::tensor::backend::DeviceOps;
+    (nth_device(device, 1) != *device).then(|| B::device_count(device.id().type_id))
+}
+
 /// Device `index` of the backend kind of `device` (CUDA/wgpu: the GPU with that index; the CPU
 /// backends have one device, which every replica then shares).
 pub fn nth_device<D: burn::tensor::backend::DeviceOps>(device: &D, index: usize) -> D {

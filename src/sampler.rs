@@ -108,6 +108,13 @@ pub struct Sample {
     pub finish_reason: FinishReason,
 }
 
+impl Sample {
+    /// Cut at the token limit (`max_new_tokens`) rather than ended by a stop.
+    pub fn truncated(&self) -> bool {
+        self.finish_reason == FinishReason::Length
+    }
+}
+
 /// Decodes token ids to text, for stop strings.
 pub trait Detokenize {
     fn detokenize(&self, ids: &[u32]) -> String;

@@ -48,7 +48,7 @@ mod update;
 pub use faults::{Fault, Faults};
 pub use metrics::StepMetrics;
 use run::check_shardable;
-pub use run::{default_out_dir, run, run_folder, RunOptions, RunOutcome};
+pub use run::{default_out_dir, one_device_per_rank, run, run_folder, RunOptions, RunOutcome};
 pub use score::RewardFailed;
 
 type ActorOptim<B> = OptimizerAdaptor<AdamW, Qwen2<B>, B>;

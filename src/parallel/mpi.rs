@@ -237,6 +237,24 @@ impl Mpi {
             .write_all(format!("{message}\n").as_bytes());
     }
 
+    /// Rank 0's closing line: the job's shape and what this rank's all-reduces carried per step
+    /// over `steps` steps that took `took`.
+    pub fn summary(&self, steps: usize, took: Duration) -> String {
+        let t = self.traffic();
+        let per = steps.max(1) as f64;
+        format!(
+            "mpi: {} ranks on {} node(s), {steps} steps in {:.1} s: {} all-reduce calls, {:.3} MB \
+             per rank per step ({:.3} MB of gradients in {:.1} calls)",
+            self.size,
+            self.nodes,
+            took.as_secs_f64(),
+            t.calls,
+            t.bytes as f64 / per / 1e6,
+            t.grad_bytes as f64 / per / 1e6,
+            t.grad_calls as f64 / per
+        )
+    }
+
     /// All-reduce calls and the bytes this rank put into them since [`init`]: everything, and
     /// the gradients alone.
     pub fn traffic(&self) -> Traffic {

@@ -39,20 +39,21 @@ struct Group {
 }
 
 impl Group {
-    /// Some of its rewards differ (or it has a single sample, as verl keeps those).
+    /// Its rewards differ ([`rewards_differ`]).
     fn informative(&self) -> bool {
-        let first = self.verdicts[0].reward;
-        self.verdicts.len() == 1 || self.verdicts.iter().any(|v| v.reward != first)
+        rewards_differ(&self.verdicts.iter().map(|v| v.reward).collect::<Vec<_>>())
     }
 }
 
-/// Whether each group (`n` consecutive rewards) has differing rewards: the share of groups that
-/// carry an advantage under group normalisation.
-pub(super) fn differing_groups(rewards: &[f32], n: usize) -> Vec<bool> {
-    rewards
-        .chunks(n.max(1))
-        .map(|g| g.len() == 1 || g.iter().any(|&r| r != g[0]))
-        .collect()
+/// Whether a group's rewards differ (or it has a single sample, as verl keeps those): the groups
+/// that carry an advantage under group normalisation.
+fn rewards_differ(rewards: &[f32]) -> bool {
+    rewards.len() == 1 || rewards.iter().any(|&r| r != rewards[0])
+}
+
+/// [`rewards_differ`] for each group of `n` consecutive rewards.
+fn differing_groups(rewards: &[f32], n: usize) -> Vec<bool> {
+    rewards.chunks(n.max(1)).map(rewards_differ).collect()
 }
 
 /// The groups drawn so far: those kept (differing rewards) and those set aside, in draw order,

@@ -13,7 +13,6 @@ use super::score::Scored;
 use super::update::UpdateStats;
 use super::{PhaseClock, Trainer};
 use crate::parallel::World;
-use crate::sampler::FinishReason;
 use crate::verifier::{Stage, Summary};
 
 /// One line of `metrics.jsonl`.
@@ -148,10 +147,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             t.add("tokens", s.output_ids.len() as f64);
             t.add("entropy", s.entropies.iter().map(|&e| e as f64).sum());
             t.add("entropy_tokens", s.entropies.len() as f64);
-            t.add(
-                "truncated",
-                (s.finish_reason == FinishReason::Length) as u8 as f64,
-            );
+            t.add("truncated", s.truncated() as u8 as f64);
         }
         t.add("policy_loss", upd.policy_loss);
         t.add("value_loss", upd.value_loss);

@@ -8,7 +8,6 @@ use super::score::Scored;
 use super::Trainer;
 use crate::experience::{ragged, token_budget_groups, Batch, Evaluated};
 use crate::loss;
-use crate::sampler::FinishReason;
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Every scored sample with `log π_ref` (and the critic's values with a critic), computed in
@@ -39,7 +38,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     ref_logp: vec![],
                     old_values: vec![],
                     reward: v.reward as f64,
-                    truncated: s.finish_reason == FinishReason::Length,
+                    truncated: s.truncated(),
                 }
             })
             .collect();

@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::{AutodiffBackend, DeviceOps};
+use burn::tensor::backend::AutodiffBackend;
 
 use qwen2_burn::save_lora;
 
 use super::{Faults, RewardFailed, StepMetrics, Trainer};
 use crate::checkpoint as ckpt;
 use crate::config::TrainConfig;
-use crate::parallel::{nth_device, World};
+use crate::parallel::{device_count, nth_device, World};
 
 /// How [`run`] starts and stops.
 #[derive(Debug, Default, Clone)]
@@ -115,28 +115,17 @@ pub fn run<B: AutodiffBackend>(
             .with_context(|| format!("{}: cannot write", path.display()))
     };
     if let Some(world) = opts.world {
-        if opts.devices > 1 {
-            bail!(
-                "--devices {} with --mpi: each MPI rank drives one device (its rank on the node \
-                 picks it); launch {} ranks per node instead",
-                opts.devices,
-                opts.devices
-            );
-        }
+        one_device_per_rank(opts.devices)?;
         check_shardable(&cfg, world.size)?;
         let local = world.local_rank();
-        let device = nth_device(&device, local);
-        if nth_device(&device, 1) != device {
-            let found = B::device_count(device.id().type_id);
-            if local >= found {
-                bail!(
-                    "--mpi: this node runs {} or more ranks but has {found} device(s) of this \
-                     backend's kind; launch at most {found} ranks per node",
-                    local + 1
-                );
-            }
+        if let Some(found) = device_count::<B>(&device).filter(|&found| local >= found) {
+            bail!(
+                "--mpi: this node runs {} or more ranks but has {found} device(s) of this \
+                 backend's kind; launch at most {found} ranks per node",
+                local + 1
+            );
         }
-        let trainer = Trainer::<B>::replica(cfg, device, world)?;
+        let trainer = Trainer::<B>::replica(cfg, nth_device(&device, local), world)?;
         if world.is_main() {
             write_config(&trainer.cfg)?;
         }
@@ -152,20 +141,7 @@ pub fn run<B: AutodiffBackend>(
         )?;
         #[cfg(feature = "mpi")]
         if let (true, Some(m)) = (world.is_main(), crate::parallel::mpi::active()) {
-            let t = m.traffic();
-            let steps = outcome.metrics.len().max(1) as f64;
-            eprintln!(
-                "mpi: {} ranks on {} node(s), {} steps in {:.1} s: {} all-reduce calls, {:.3} MB \
-                 per rank per step ({:.3} MB of gradients in {:.1} calls)",
-                m.size,
-                m.nodes,
-                outcome.metrics.len(),
-                started.elapsed().as_secs_f64(),
-                t.calls,
-                t.bytes as f64 / steps / 1e6,
-                t.grad_bytes as f64 / steps / 1e6,
-                t.grad_calls as f64 / steps
-            );
+            eprintln!("{}", m.summary(outcome.metrics.len(), started.elapsed()));
         }
         #[cfg(not(feature = "mpi"))]
         let _ = started;
@@ -181,11 +157,8 @@ pub fn run<B: AutodiffBackend>(
     }
     write_config(&cfg)?;
     // GPUs must exist; the CPU backends have one device, which the replicas share.
-    if nth_device(&device, 1) != device {
-        let found = B::device_count(device.id().type_id);
-        if size > found {
-            bail!("--devices {size}: only {found} device(s) of this backend's kind were found");
-        }
+    if let Some(found) = device_count::<B>(&device).filter(|&found| size > found) {
+        bail!("--devices {size}: only {found} device(s) of this backend's kind were found");
     }
     let mut workers = Vec::with_capacity(size - 1);
     for rank in 1..size {
@@ -394,6 +367,18 @@ fn drive<B: AutodiffBackend>(
         metrics: all,
         interrupted: None,
     })
+}
+
+/// `--devices` with `--mpi` is refused: each MPI rank drives one device, the one its rank on the
+/// node picks.
+pub fn one_device_per_rank(devices: usize) -> Result<()> {
+    if devices > 1 {
+        bail!(
+            "--mpi with --devices {devices}: each MPI rank drives one device (its rank on the \
+             node picks it); launch {devices} ranks per node instead"
+        );
+    }
+    Ok(())
 }
 
 /// A fresh run folder in `runs` (`train` uses `runs/` of the working folder) named by time

@@ -14,14 +14,8 @@ fn join_mpi(a: &TrainArgs) -> Result<Option<World>> {
     if !a.mpi {
         return Ok(None);
     }
-    if a.devices > 1 {
-        bail!(
-            "--mpi with --devices {}: each MPI rank drives one device (its rank on the node picks \
-             it); launch {} ranks per node instead",
-            a.devices,
-            a.devices
-        );
-    }
+    // Refused before MPI starts, so that the message is not one per rank.
+    med_rlvr::trainer::one_device_per_rank(a.devices)?;
     #[cfg(not(feature = "mpi"))]
     bail!(
         "--mpi: this binary was built without MPI; build it with `cargo build --release \
