@@ -92,6 +92,7 @@ fn exit(code: i32) -> ! {
 }
 
 fn main() {
+    app::allocator::keep_freed_memory();
     let cli = Cli::parse();
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
     private_autotune_cache();

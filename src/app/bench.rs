@@ -427,6 +427,9 @@ pub fn update<B: AutodiffBackend>(
         ),
         device,
     );
+    // Freed memory the allocator kept (`allocator::keep_freed_memory`) would be reused without
+    // raising the resident size: give it back first, so the peak counts every page touched.
+    crate::app::allocator::release_kept_memory();
     std::fs::write("/proc/self/clear_refs", "5")
         .map_err(|e| anyhow::anyhow!("/proc/self/clear_refs: {e} (cannot reset the peak)"))?;
     let (before, _) = resident()?;

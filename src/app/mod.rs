@@ -1,6 +1,6 @@
 //! The application on top of the library: the command line (`cli`: arguments and dispatch), one
 //! file per command (`commands/`), the embedded demo's builder (`demo`) and the benchmarks
-//! (`bench`). Only the binary compiles these.
+//! (`bench`), the C allocator's settings (`allocator`). Only the binary compiles these.
 
 /// `println!` that returns an error naming stdout instead of panicking when stdout is closed or
 /// its disk is full.
@@ -17,6 +17,7 @@ macro_rules! out {
     };
 }
 
+pub mod allocator;
 pub mod bench;
 pub mod cli;
 pub mod commands;

@@ -1,0 +1,164 @@
+//! The patched burn-flex (`patches/burn-flex`: N-D strided copies by rows, a collapsed
+//! `StridedIter`) against ndarray, exactly, on a seeded sweep of strided layouts: rank 1–5, every
+//! permutation, slices, flips (negative strides) and broadcast (stride-0) dims — through
+//! `reshape` (the contiguous copy), unary, scalar and broadcast binary ops, `mask_fill` with a
+//! broadcast mask, boolean and comparison ops, and sums. The values are small integers, so every
+//! result is exact whatever the order of the arithmetic: any difference is a misplaced element.
+
+use burn::backend::{Flex, NdArray};
+use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+/// A strided view of a fresh tensor: `base` shape, then a permutation, an optional slice
+/// `[start, end)` of one dim, an optional flip of one dim, and size-1 dims broadcast to `expand`.
+#[derive(Debug, Clone)]
+struct View {
+    base: Vec<usize>,
+    perm: Vec<usize>,
+    slice: Option<(usize, usize, usize)>,
+    flip: Option<usize>,
+    expand: usize,
+}
+
+fn view() -> impl Strategy<Value = View> {
+    prop::collection::vec(1usize..=5, 1..=5)
+        .prop_flat_map(|base| {
+            let rank = base.len();
+            let perm = Just((0..rank).collect::<Vec<_>>()).prop_shuffle();
+            let slice = prop::option::of((0..rank, 0usize..5, 1usize..=5));
+            let flip = prop::option::of(0..rank);
+            (Just(base), perm, slice, flip, 1usize..=4)
+        })
+        .prop_map(|(base, perm, slice, flip, expand)| View {
+            base,
+            perm,
+            slice,
+            flip,
+            expand,
+        })
+}
+
+/// The view on backend `B`, from values `seed, seed + 1, …` (f32 integers).
+fn make<B: Backend>(v: &View, seed: usize) -> Tensor<B, 5> {
+    let n: usize = v.base.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i * 7 + seed) % 97) as f32 - 40.0)
+        .collect();
+    let mut dims = [1usize; 5];
+    dims[..v.base.len()].copy_from_slice(&v.base);
+    let mut perm = [0usize, 1, 2, 3, 4];
+    perm[..v.perm.len()].copy_from_slice(&v.perm);
+    let t = Tensor::<B, 5>::from_data(TensorData::new(values, dims), &Default::default());
+    let mut t = t.permute(perm);
+    if let Some((dim, start, len)) = v.slice {
+        let size = t.dims()[dim];
+        let start = start % size;
+        let end = (start + len).min(size);
+        let mut ranges = t.dims().map(|d| 0..d);
+        ranges[dim] = start..end;
+        t = t.slice(ranges);
+    }
+    if let Some(dim) = v.flip {
+        t = t.flip([dim as isize]);
+    }
+    let shape = t.dims().map(|d| if d == 1 { v.expand } else { d });
+    t.expand(shape)
+}
+
+fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn bools<B: Backend, const D: usize>(t: Tensor<B, D, Bool>) -> Vec<bool> {
+    t.into_data().to_vec().unwrap()
+}
+
+/// Every op's output on flex, as host values, for one view (and a second view of the same shape
+/// made by swapping the roles of two dims of the same size, when there are any).
+fn outputs<B: Backend>(v: &View) -> Vec<(String, Vec<f32>)> {
+    let x = make::<B>(v, 3);
+    let y = make::<B>(v, 11);
+    let n: usize = x.dims().iter().product();
+    let dims = x.dims();
+    let mask = x.clone().greater_elem(0.0);
+    let other = y.clone().lower_elem(5.0);
+    let row = x
+        .clone()
+        .slice([0..dims[0], 0..1, 0..dims[2], 0..dims[3], 0..dims[4]]);
+    let as_f = |b: Vec<bool>| b.into_iter().map(|b| b as u8 as f32).collect::<Vec<_>>();
+    vec![
+        ("reshape".into(), data(x.clone().reshape([n]))),
+        ("neg".into(), data(x.clone().neg())),
+        ("abs".into(), data(x.clone().abs())),
+        ("mul_scalar".into(), data(x.clone().mul_scalar(3.0))),
+        ("add".into(), data(x.clone() + y.clone())),
+        ("mul".into(), data(x.clone() * y.clone())),
+        ("sub broadcast row".into(), data(y.clone() - row.clone())),
+        ("add broadcast row".into(), data(row + x.clone())),
+        (
+            "mask_fill".into(),
+            data(y.clone().mask_fill(mask.clone(), -1.0e4)),
+        ),
+        (
+            "mask_fill broadcast".into(),
+            data(
+                y.clone().mask_fill(
+                    mask.clone()
+                        .slice([0..dims[0], 0..dims[1], 0..dims[2], 0..dims[3], 0..1])
+                        .expand(dims),
+                    7.0,
+                ),
+            ),
+        ),
+        (
+            "bool_or".into(),
+            as_f(bools(mask.clone().bool_or(other.clone()))),
+        ),
+        ("bool_and".into(), as_f(bools(mask.clone().bool_and(other)))),
+        ("bool_not".into(), as_f(bools(mask.bool_not()))),
+        ("equal".into(), as_f(bools(x.clone().equal(y.clone())))),
+        ("greater".into(), as_f(bools(x.clone().greater(y.clone())))),
+        ("sum".into(), data(x.clone().sum())),
+        ("sum_dim 1".into(), data(x.clone().sum_dim(1))),
+        ("sum_dim 4".into(), data(x.clone().sum_dim(4))),
+        ("max_dim 3".into(), data(x.clone().max_dim(3))),
+        ("cat".into(), data(Tensor::cat(vec![x.clone(), y], 2))),
+        (
+            "swap_dims reshape".into(),
+            data(x.swap_dims(1, 3).reshape([n])),
+        ),
+    ]
+}
+
+#[test]
+fn flex_strided_layouts_equal_ndarray_exactly() {
+    let config = Config {
+        cases: 300,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    runner
+        .run(&view(), |v| {
+            let got = outputs::<Flex>(&v);
+            let want = outputs::<NdArray<f32>>(&v);
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                prop_assert_eq!(g.len(), w.len(), "{:?}: {} length", v, name);
+                for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                    prop_assert!(
+                        a.to_bits() == b.to_bits(),
+                        "{:?}: {} element {}: flex {} ndarray {}",
+                        v,
+                        name,
+                        i,
+                        a,
+                        b
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
