@@ -311,6 +311,18 @@ fn token_budget_micro_batches_give_the_gradient_of_the_sample_count_split() {
         let budget = [&sgd_like[..], &["ppo.micro_batch_tokens=250"]].concat();
         let (by_tokens, b) = run::<B>(&budget, 1);
         same_step(&b[0], &a[0], 1e-6, 1.0);
+        // The same sequences, laid out with less padding (`update_tokens`,
+        // `update_padded_tokens` in metrics.jsonl).
+        let (count, tokens) = (&a[0], &b[0]);
+        eprintln!(
+            "{agg}: update tokens {} real; padded {} by count, {} by budget",
+            count.update_tokens, count.update_padded_tokens, tokens.update_padded_tokens
+        );
+        assert!(count.update_tokens > 0);
+        assert_eq!(tokens.update_tokens, count.update_tokens);
+        assert!(count.update_padded_tokens >= count.update_tokens);
+        assert!(tokens.update_padded_tokens >= tokens.update_tokens);
+        assert!(tokens.update_padded_tokens < count.update_padded_tokens);
         let actor = common::assert_close(
             "actor",
             &weights(&by_tokens.actor),

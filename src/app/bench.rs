@@ -481,3 +481,183 @@ pub fn update<B: AutodiffBackend>(
         plan_over_measured: plan.update as f64 / measured.max(1) as f64,
     })
 }
+
+/// A mini-batch of a micro-batch bench: `batch` sequences of `prompt_len` prompt tokens and
+/// responses of uniformly drawn lengths in `min_response..=max_response`.
+#[derive(Debug, Clone, Copy)]
+pub struct MixShape {
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub min_response: usize,
+    pub max_response: usize,
+    /// `ppo.micro_batch` of the count split.
+    pub micro_batch: usize,
+    /// `ppo.micro_batch_tokens` of the budget split.
+    pub budget: usize,
+    pub chunk: usize,
+    pub recompute: bool,
+}
+
+/// One way of cutting the mini-batch and what training it cost.
+#[derive(Debug, Serialize)]
+pub struct SplitBench {
+    pub split: String,
+    pub micro_batches: usize,
+    /// `Σ rows × (max prompt + max response)` over the micro-batches.
+    pub padded_tokens: usize,
+    /// `Σ prompt + response` over the sequences.
+    pub real_tokens: usize,
+    pub seconds: f64,
+    /// `real_tokens / seconds`.
+    pub tokens_per_s: f64,
+}
+
+/// The two splits of one mini-batch side by side.
+#[derive(Debug, Serialize)]
+pub struct MicroBatchBench {
+    pub sequences: usize,
+    pub prompt_len: usize,
+    pub min_response: usize,
+    pub max_response: usize,
+    pub splits: Vec<SplitBench>,
+    /// The largest `|g_count − g_budget|` over every parameter's gradient, and the largest
+    /// `|g_count|`: the split changes the order of the sums only.
+    pub grad_max_abs_diff: f64,
+    pub grad_max_abs: f64,
+}
+
+/// Every parameter gradient of `model` in `grads`, flattened, in visiting order.
+fn flat_grads<B: AutodiffBackend>(
+    model: &Qwen2<B>,
+    grads: &burn::optim::GradientsParams,
+) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Collect<'a>(&'a burn::optim::GradientsParams, Vec<f32>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.0.get::<B::InnerBackend, D>(param.id) {
+                self.1.extend(g.into_data().convert::<f32>().iter::<f32>());
+            }
+        }
+    }
+    let mut c = Collect(grads, Vec::new());
+    model.visit(&mut c);
+    c.1
+}
+
+/// One mini-batch of the PPO policy loss (token-mean, as `ppo.loss_agg = "token-mean"`) trained
+/// two ways with the trainer's rules: `micro_batch` sequences at a time in shuffled order, and
+/// [`token_budget_groups`](med_rlvr::experience::token_budget_groups) under `budget` padded
+/// tokens; each micro-batch's loss weighted by its share of the mini-batch's tokens and the
+/// gradients accumulated. Runs the splits count, budget, count, budget and reports the second
+/// round's times (the first warms the allocator and the caches).
+pub fn micro_batches<B: AutodiffBackend>(
+    model: &Qwen2<B>,
+    vocab: usize,
+    shape: MixShape,
+    device: &B::Device,
+) -> anyhow::Result<MicroBatchBench> {
+    use burn::optim::GradientsAccumulator;
+    use med_rlvr::experience::{grid_tensor, pad_rows, token_budget_groups, Batch};
+    use med_rlvr::loss::{policy_loss, Aggregation, Surrogate};
+    use rand::seq::SliceRandom;
+    let MixShape {
+        batch,
+        prompt_len,
+        min_response,
+        max_response,
+        micro_batch,
+        budget,
+        chunk,
+        recompute,
+    } = shape;
+    let mut rng = StdRng::seed_from_u64(9);
+    let prompts = random_prompts(batch, prompt_len, vocab, 7);
+    let responses: Vec<Vec<u32>> = random_prompts(batch, max_response, vocab, 8)
+        .into_iter()
+        .map(|mut r| {
+            r.truncate(rng.random_range(min_response..=max_response));
+            r
+        })
+        .collect();
+    let advantages: Vec<Vec<f64>> = responses
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (0..r.len())
+                .map(|j| ((i * 31 + j) as f64 * 0.37).sin())
+                .collect()
+        })
+        .collect();
+    let total: usize = responses.iter().map(Vec::len).sum();
+    let mut order: Vec<usize> = (0..batch).collect();
+    order.shuffle(&mut rng);
+    let by_count: Vec<Vec<usize>> = order.chunks(micro_batch).map(<[usize]>::to_vec).collect();
+    let lens: Vec<(usize, usize)> = (0..batch)
+        .map(|i| (prompt_len, responses[i].len()))
+        .collect();
+    let by_budget = token_budget_groups(&lens, budget);
+    let train = |groups: &[Vec<usize>]| -> (SplitBench, Vec<f32>) {
+        let t0 = Instant::now();
+        let mut acc = GradientsAccumulator::<Qwen2<B>>::new();
+        let (mut padded, mut real) = (0, 0);
+        for rows in groups {
+            let seqs: Vec<(&[u32], &[u32])> = rows
+                .iter()
+                .map(|&i| (prompts[i].as_slice(), responses[i].as_slice()))
+                .collect();
+            let b = Batch::new(&seqs);
+            padded += b.b * (b.p + b.r);
+            real += seqs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
+            let adv: Vec<&[f64]> = rows.iter().map(|&i| advantages[i].as_slice()).collect();
+            let adv = grid_tensor::<B>(&pad_rows(&adv, b.r), device);
+            let trainable = b.train_logprobs(model, chunk, recompute, device);
+            let logp = trainable.output.clone();
+            let (loss, _) = policy_loss(
+                logp.clone(),
+                logp.detach(),
+                adv,
+                b.mask_tensor::<B>(device),
+                &Surrogate::token(0.2, 0.2, Aggregation::TokenMean),
+                None,
+            );
+            let tokens: usize = rows.iter().map(|&i| responses[i].len()).sum();
+            let loss = loss.mul_scalar(tokens as f64 / total as f64);
+            acc.accumulate(model, trainable.param_grads(loss.backward()));
+        }
+        let grads = flat_grads(model, &acc.grads());
+        let seconds = t0.elapsed().as_secs_f64();
+        let bench = SplitBench {
+            split: String::new(),
+            micro_batches: groups.len(),
+            padded_tokens: padded,
+            real_tokens: real,
+            seconds,
+            tokens_per_s: real as f64 / seconds,
+        };
+        (bench, grads)
+    };
+    let _ = train(&by_count);
+    let _ = train(&by_budget);
+    let (mut count, g_count) = train(&by_count);
+    let (mut tokens, g_budget) = train(&by_budget);
+    count.split = format!("micro_batch {micro_batch}");
+    tokens.split = format!("micro_batch_tokens {budget}");
+    let diff = med_rlvr::compare::check_close(
+        "gradients, count split vs token budget",
+        &g_budget,
+        &g_count,
+        med_rlvr::compare::Tolerance::abs(f64::INFINITY),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(MicroBatchBench {
+        sequences: batch,
+        prompt_len,
+        min_response,
+        max_response,
+        splits: vec![count, tokens],
+        grad_max_abs_diff: diff.max_abs,
+        // Finite: the comparison above fails on NaN/Inf.
+        grad_max_abs: g_count.iter().map(|&x| x.abs() as f64).fold(0.0, f64::max),
+    })
+}

@@ -465,6 +465,21 @@ pub struct BenchArgs {
     /// Update: log-prob chunk (`model.logprob_chunk`).
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub chunk: usize,
+    /// Micro-batch mode: one mini-batch of `--batch` sequences (prompt `--prompt-len`, responses
+    /// uniform over `--min-new-tokens`..=`--new-tokens`) trained as `--micro-batch` sequences per
+    /// micro-batch and as groups under `--micro-batch-tokens` padded tokens, side by side:
+    /// padded and real tokens, seconds, and the gradients' largest difference.
+    #[arg(long, requires = "micro_batch_tokens")]
+    pub micro_batches: bool,
+    /// Micro-batches: the shortest response (default: `--new-tokens`, all the same length).
+    #[arg(long, value_parser = at_least_one)]
+    pub min_new_tokens: Option<usize>,
+    /// Micro-batches: sequences per micro-batch of the count split (`ppo.micro_batch`).
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    pub micro_batch: usize,
+    /// Micro-batches: the token budget of the other split (`ppo.micro_batch_tokens`).
+    #[arg(long, value_parser = at_least_one)]
+    pub micro_batch_tokens: Option<usize>,
     #[arg(long)]
     pub json: bool,
 }

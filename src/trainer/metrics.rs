@@ -47,6 +47,11 @@ pub struct StepMetrics {
     pub lr: f64,
     pub critic_lr: f64,
     pub tokens_per_s: f64,
+    /// Tokens through the update's micro-batches (every epoch, every replica): the sequences'
+    /// own, and with the padding of their micro-batch (`rows × (max prompt + max response)`);
+    /// `ppo.micro_batch_tokens` groups similar lengths to bring the second down to the first.
+    pub update_tokens: usize,
+    pub update_padded_tokens: usize,
     pub seconds: f64,
     /// `|log π_update − log π_rollout|` over the first mini-batch's tokens before any optimizer
     /// step (the sampler's and the trainer's kernels at the same weights): mean and max; and
@@ -152,6 +157,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         t.add("policy_loss", upd.policy_loss);
         t.add("value_loss", upd.value_loss);
         t.add("clip_frac", upd.clip_frac);
+        t.add("update_tokens", upd.real_tokens as f64);
+        t.add("update_padded_tokens", upd.padded_tokens as f64);
         for (stage, &c) in &summary.stages {
             t.add(&format!("stage/{stage}"), c as f64);
         }
@@ -185,6 +192,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             lr: upd.lr,
             critic_lr: upd.critic_lr,
             tokens_per_s: t.get("tokens") / seconds,
+            update_tokens: t.get("update_tokens") as usize,
+            update_padded_tokens: t.get("update_padded_tokens") as usize,
             seconds,
             logprob_gap_mean: upd.gap.mean(),
             logprob_gap_max: upd.gap.abs_max,

@@ -34,6 +34,11 @@ pub(super) struct UpdateStats {
     pub fault: Option<String>,
     /// The rollout–trainer log-prob gap over the first mini-batch, before any optimizer step.
     pub gap: Gap,
+    /// Tokens of this replica's micro-batches, over every epoch: the sequences' own
+    /// (`Σ prompt + response`) and as laid out with padding (`rows × (max prompt + max response)`
+    /// per micro-batch). Their ratio is what `ppo.micro_batch_tokens` saves.
+    pub real_tokens: usize,
+    pub padded_tokens: usize,
 }
 
 /// `d = log π_update − log π_rollout` over valid tokens at the rollout weights: `Σ|d|`, `max|d|`,
@@ -265,6 +270,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             })
             .collect();
         let mut batch = Batch::new(&seqs);
+        out.real_tokens += seqs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
+        out.padded_tokens += batch.b * (batch.p + batch.r);
         for (row, &i) in batch.mask.iter_mut().zip(rows) {
             if self.loss_tokens(&exps[i]) == 0 {
                 row.fill(0.0);

@@ -35,6 +35,36 @@ pub(crate) fn run<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Resul
             a.prompt_len, a.new_tokens
         ),
     )?;
+    if a.micro_batches {
+        let budget = a
+            .micro_batch_tokens
+            .context("--micro-batches needs --micro-batch-tokens")?;
+        let min_response = a.min_new_tokens.unwrap_or(a.new_tokens);
+        if min_response > a.new_tokens {
+            bail!(
+                "--min-new-tokens {min_response} is above --new-tokens {}",
+                a.new_tokens
+            );
+        }
+        let model = Qwen2::<A>::init_random(&config, 0, device);
+        let line = crate::app::bench::micro_batches(
+            &model,
+            config.vocab_size,
+            crate::app::bench::MixShape {
+                batch: a.batch,
+                prompt_len: a.prompt_len,
+                min_response,
+                max_response: a.new_tokens,
+                micro_batch: a.micro_batch,
+                budget,
+                chunk: a.chunk,
+                recompute: !a.no_recompute,
+            },
+            device,
+        )?;
+        outln!("{}", serde_json::to_string(&line)?);
+        return Ok(());
+    }
     if a.update {
         let spec = qwen2_burn::LoraSpec {
             rank: a.lora_rank,
