@@ -2,9 +2,10 @@
 //!
 //! Every tensor op on a CPU backend allocates its output and frees its inputs, megabytes at a
 //! time. glibc's defaults give memory above 128 KiB back to the kernel (`munmap`, or trimming the
-//! heap's top past 128 KiB), so the next op's buffer is faulted in and zeroed again page by page:
-//! on the embedded demo that was a fifth of the process's time in the kernel (3.8 s of 20 s,
-//! `/usr/bin/time`), and 14 % of the wall time of a step (benches/RESULTS.md, "Allocator").
+//! heap's top past its adaptive threshold), so the next op's buffer may be faulted in and zeroed
+//! again page by page. How often varied from run to run: four demo steps spent 1.1 s or 4.4 s in
+//! the kernel with glibc's defaults, 0.8–0.9 s with this setting (benches/RESULTS.md, "burn-flex
+//! patched", the allocator table).
 //! [`keep_freed_memory`] serves buffers up to 32 MiB from the heap and keeps up to 1 GiB of freed
 //! heap in the process. A `MALLOC_*_` variable in the environment (glibc's own tuning) wins: then
 //! nothing is changed. Other C libraries are left as they are.
