@@ -106,6 +106,15 @@ impl Batch {
         }
     }
 
+    /// The sequences' own tokens (`Σ prompt + response`) and the batch's padded layout
+    /// (`rows × (max prompt + max response)`): what `ppo.micro_batch_tokens` brings together.
+    pub fn token_counts(&self) -> (usize, usize) {
+        (
+            self.valid.iter().filter(|&&v| v).count(),
+            self.b * (self.p + self.r),
+        )
+    }
+
     /// Model inputs (tokens, positions, validity) for columns `0 .. P + R − 1` (the last column
     /// predicts nothing we need).
     pub fn inputs<B: Backend>(
@@ -289,6 +298,25 @@ pub fn ragged<B: Backend>(t: Tensor<B, 2>, lens: &[usize]) -> Vec<Vec<f64>> {
         .enumerate()
         .map(|(i, &n)| flat[i * r..i * r + n].to_vec())
         .collect()
+}
+
+/// The update's micro-batches of sequences with `(prompt, response)` lengths `lens`, in their
+/// order: `micro_batch` at a time when `budget` is 0 (`ppo.micro_batch`), else
+/// [`token_budget_groups`] under `budget` padded tokens (`ppo.micro_batch_tokens`). Returns
+/// indices into `lens`; the split changes memory and speed, not the gradient.
+pub fn micro_batch_groups(
+    lens: &[(usize, usize)],
+    micro_batch: usize,
+    budget: usize,
+) -> Vec<Vec<usize>> {
+    match budget {
+        0 => (0..lens.len())
+            .collect::<Vec<_>>()
+            .chunks(micro_batch)
+            .map(<[usize]>::to_vec)
+            .collect(),
+        budget => token_budget_groups(lens, budget),
+    }
 }
 
 /// Groups sequences with `(prompt, response)` lengths `lens` into no-grad forward batches of at

@@ -546,9 +546,9 @@ fn flat_grads<B: AutodiffBackend>(
 }
 
 /// One mini-batch of the PPO policy loss (token-mean, as `ppo.loss_agg = "token-mean"`) trained
-/// two ways with the trainer's rules: `micro_batch` sequences at a time in shuffled order, and
-/// [`token_budget_groups`](med_rlvr::experience::token_budget_groups) under `budget` padded
-/// tokens; each micro-batch's loss weighted by its share of the mini-batch's tokens and the
+/// two ways with the trainer's rule ([`micro_batch_groups`](med_rlvr::experience::micro_batch_groups)
+/// on the shuffled mini-batch): `micro_batch` sequences at a time, and groups under `budget`
+/// padded tokens; each micro-batch's loss weighted by its share of the mini-batch's tokens and the
 /// gradients accumulated. Runs the splits count, budget, count, budget and reports the second
 /// round's times (the first warms the allocator and the caches).
 pub fn micro_batches<B: AutodiffBackend>(
@@ -558,7 +558,7 @@ pub fn micro_batches<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<MicroBatchBench> {
     use burn::optim::GradientsAccumulator;
-    use med_rlvr::experience::{grid_tensor, pad_rows, token_budget_groups, Batch};
+    use med_rlvr::experience::{grid_tensor, micro_batch_groups, pad_rows, Batch};
     use med_rlvr::loss::{policy_loss, Aggregation, Surrogate};
     use rand::seq::SliceRandom;
     let MixShape {
@@ -590,13 +590,20 @@ pub fn micro_batches<B: AutodiffBackend>(
         })
         .collect();
     let total: usize = responses.iter().map(Vec::len).sum();
+    // The mini-batch in shuffled order, as the trainer holds it, cut by the trainer's rule.
     let mut order: Vec<usize> = (0..batch).collect();
     order.shuffle(&mut rng);
-    let by_count: Vec<Vec<usize>> = order.chunks(micro_batch).map(<[usize]>::to_vec).collect();
-    let lens: Vec<(usize, usize)> = (0..batch)
-        .map(|i| (prompt_len, responses[i].len()))
+    let lens: Vec<(usize, usize)> = order
+        .iter()
+        .map(|&i| (prompt_len, responses[i].len()))
         .collect();
-    let by_budget = token_budget_groups(&lens, budget);
+    let split = |budget| -> Vec<Vec<usize>> {
+        micro_batch_groups(&lens, micro_batch, budget)
+            .into_iter()
+            .map(|g| g.into_iter().map(|k| order[k]).collect())
+            .collect()
+    };
+    let (by_count, by_budget) = (split(0), split(budget));
     let train = |groups: &[Vec<usize>]| -> (SplitBench, Vec<f32>) {
         let t0 = Instant::now();
         let mut acc = GradientsAccumulator::<Qwen2<B>>::new();
@@ -607,8 +614,9 @@ pub fn micro_batches<B: AutodiffBackend>(
                 .map(|&i| (prompts[i].as_slice(), responses[i].as_slice()))
                 .collect();
             let b = Batch::new(&seqs);
-            padded += b.b * (b.p + b.r);
-            real += seqs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
+            let (r, p) = b.token_counts();
+            real += r;
+            padded += p;
             let adv: Vec<&[f64]> = rows.iter().map(|&i| advantages[i].as_slice()).collect();
             let adv = grid_tensor::<B>(&pad_rows(&adv, b.r), device);
             let trainable = b.train_logprobs(model, chunk, recompute, device);

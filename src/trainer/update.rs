@@ -11,7 +11,7 @@ use rand::{rngs::StdRng, SeedableRng};
 
 use super::{scalar, Fault, Trainer};
 use crate::critic::Critic;
-use crate::experience::{grid_tensor, pad_rows, ragged, token_budget_groups, Batch, Experience};
+use crate::experience::{grid_tensor, micro_batch_groups, pad_rows, ragged, Batch, Experience};
 use crate::loss;
 use crate::optimizer::{clip_global_norm, cosine_lr};
 use crate::parallel::World;
@@ -224,26 +224,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
     }
 
-    /// This replica's members of a mini-batch cut into micro-batches: `ppo.micro_batch` samples
-    /// each, or, with `ppo.micro_batch_tokens`, groups of similar length under that many padded
-    /// tokens ([`token_budget_groups`]). The split changes memory and speed, not the gradient.
+    /// This replica's members of a mini-batch cut into micro-batches ([`micro_batch_groups`]:
+    /// `ppo.micro_batch` samples each, or groups of similar length under
+    /// `ppo.micro_batch_tokens` padded tokens).
     fn micro_batches(&self, exps: &[Experience], mine: &[usize]) -> Vec<Vec<usize>> {
-        match self.cfg.ppo.micro_batch_tokens {
-            0 => mine
-                .chunks(self.cfg.ppo.micro_batch)
-                .map(<[usize]>::to_vec)
-                .collect(),
-            budget => {
-                let lens: Vec<(usize, usize)> = mine
-                    .iter()
-                    .map(|&i| (exps[i].sample.prompt.len(), exps[i].sample.response.len()))
-                    .collect();
-                token_budget_groups(&lens, budget)
-                    .into_iter()
-                    .map(|g| g.into_iter().map(|k| mine[k]).collect())
-                    .collect()
-            }
-        }
+        let lens: Vec<(usize, usize)> = mine
+            .iter()
+            .map(|&i| (exps[i].sample.prompt.len(), exps[i].sample.response.len()))
+            .collect();
+        let ppo = &self.cfg.ppo;
+        micro_batch_groups(&lens, ppo.micro_batch, ppo.micro_batch_tokens)
+            .into_iter()
+            .map(|g| g.into_iter().map(|k| mine[k]).collect())
+            .collect()
     }
 
     /// One micro-batch (`rows` of `exps`): the clipped policy loss (plus the k3 KL loss with
@@ -270,8 +263,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             })
             .collect();
         let mut batch = Batch::new(&seqs);
-        out.real_tokens += seqs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>();
-        out.padded_tokens += batch.b * (batch.p + batch.r);
+        let (real, padded) = batch.token_counts();
+        out.real_tokens += real;
+        out.padded_tokens += padded;
         for (row, &i) in batch.mask.iter_mut().zip(rows) {
             if self.loss_tokens(&exps[i]) == 0 {
                 row.fill(0.0);

@@ -8,10 +8,11 @@ use core::marker::PhantomData;
 /// Handles non-contiguous tensors (including those with negative strides from flip)
 /// by computing the correct storage index for each logical element position.
 ///
-/// (med-rlvr patch, see `patches/burn-flex/UPSTREAM.md`.) The layout is collapsed once, at
-/// construction (size-1 dims squeezed; with non-negative strides, adjacent dims that form one
-/// run merged), and the innermost dim is stepped without touching the odometer: one compare and
-/// one add per element instead of a walk over every dim through `Shape::num_dims`.
+/// (med-rlvr patch, see `patches/burn-flex/UPSTREAM.md`.) With non-negative strides the layout
+/// is collapsed once, at construction, by `collapse_for_copy` (size-1 dims squeezed, adjacent
+/// dims that form one run merged), and the innermost dim is stepped without touching the
+/// odometer: one compare and one add per element instead of a walk over every dim through
+/// `Shape::num_dims`.
 pub struct StridedIter<'a> {
     /// Current storage index (signed to handle negative strides)
     storage_index: isize,
@@ -30,27 +31,18 @@ pub struct StridedIter<'a> {
 impl<'a> StridedIter<'a> {
     /// Create a new strided iterator for the given layout.
     pub fn new(layout: &'a Layout) -> Self {
-        let shape = layout.shape();
-        let strides = layout.strides();
-        let ndims = layout.num_dims();
-        let mergeable = strides.iter().all(|&s| s >= 0);
-        let mut dims: Vec<(usize, isize)> = Vec::with_capacity(ndims);
-        for d in 0..ndims {
-            let (n, st) = (shape[d], strides[d]);
-            if n == 1 {
-                continue;
-            }
-            match dims.last_mut() {
-                Some(last)
-                    if mergeable
-                        && (n as isize).checked_mul(st).is_some_and(|run| run == last.1) =>
-                {
-                    last.0 *= n;
-                    last.1 = st;
-                }
-                _ => dims.push((n, st)),
-            }
-        }
+        let (shape, strides) = (layout.shape(), layout.strides());
+        // `collapse_for_copy` assumes non-negative strides (and at most its rank); a flipped or
+        // higher-rank layout is walked as it is.
+        let collapsed = (strides.iter().all(|&s| s >= 0)
+            && layout.num_dims() <= crate::tensor::COLLAPSE_MAX_RANK)
+            .then(|| crate::tensor::collapse_for_copy(shape, strides));
+        let (shape, strides): (&[usize], &[isize]) = match &collapsed {
+            Some(c) => c.as_slices(),
+            None => (shape, strides),
+        };
+        let mut dims: Vec<(usize, isize)> =
+            shape.iter().copied().zip(strides.iter().copied()).collect();
         let (inner_len, inner_stride) = dims.pop().unwrap_or((1, 0));
         Self {
             storage_index: layout.start_offset() as isize,

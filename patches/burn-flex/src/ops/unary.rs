@@ -96,6 +96,25 @@ pub(crate) fn map_inplace<E: Copy + Send + Sync, Op: Fn(E) -> E + Send + Sync>(
     }
 }
 
+/// `op(x)` for every element of `src`, in order, split across rayon's threads as
+/// [`map_inplace`] (med-rlvr patch).
+#[inline]
+pub(crate) fn map_collect<E: Copy + Send + Sync, Op: Fn(E) -> E + Send + Sync>(
+    src: &[E],
+    op: &Op,
+) -> Vec<E> {
+    #[cfg(feature = "rayon")]
+    if src.len() >= 2 * PAR_CHUNK {
+        use rayon::prelude::*;
+        return src
+            .par_iter()
+            .with_min_len(PAR_CHUNK)
+            .map(|&x| op(x))
+            .collect();
+    }
+    src.iter().map(|&x| op(x)).collect()
+}
+
 /// Generic unary operation for any element type.
 fn unary_op_typed<E, Op>(mut tensor: FlexTensor, op: Op) -> FlexTensor
 where
@@ -123,8 +142,7 @@ where
     // Iterate in storage order (contiguous) and preserve original layout.
     // Only valid when all strides are positive.
     if !has_negative_strides && layout.start_offset() == 0 && src.len() == n {
-        let mut result: Vec<E> = src.to_vec();
-        map_inplace(&mut result, &op);
+        let result: Vec<E> = map_collect(src, &op);
         let bytes = Bytes::from_elems(result);
         return FlexTensor::new(bytes, layout, E::dtype());
     }
