@@ -263,7 +263,8 @@ impl MemoryPlan {
         );
         // No-grad passes: at most `forward_tokens` padded tokens; one layer's transients (norm,
         // q/k/v/o, gate/up/act/down, residual) plus its attention scores, the final hidden
-        // states and one log-prob chunk's logits.
+        // states and one log-prob chunk's logits. (flex's fused attention never materialises the
+        // scores; cubecl's decomposed fallback, which the GPU runs, does: they stay counted.)
         let (ft, s) = ((p.forward_tokens as u128).max(pl + n), pl + n);
         let fr = ft / s.max(1);
         add(

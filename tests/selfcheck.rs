@@ -169,8 +169,86 @@ fn logprobs_equal_the_cpu_reference_at_every_total_length<B: AutodiffBackend>() 
     }
 }
 
+/// The passes without a graph (rollout, reference, critic, recomputation's forward) run the
+/// attention through Burn's fused `attention` op; autodiff differentiates the composed one
+/// (`matmul`, mask, `softmax`, `matmul`). Both give the same hidden states at every position —
+/// padding included, which needs the mask to let a padding query see itself — in one pass and
+/// prefilled then decoded one column at a time through the KV cache, over a sweep of shapes. (On
+/// CPU only: on wgpu the sweep above already compares the fused path's hidden states, logits and
+/// samples with ndarray's, and this test's extra kernels cost CI over two minutes of lavapipe.)
+#[cfg_attr(feature = "wgpu", allow(dead_code))] // in `per_backend!`'s CPU-only list
+fn fused_attention_equals_the_composed_one_at_every_position<B: AutodiffBackend>() {
+    use burn::tensor::{Bool, Int, Tensor};
+    use med_rlvr::experience::Batch;
+    use med_rlvr::selfcheck::{config, model, token_rows};
+    use qwen2_burn::KvCache;
+    fn host<B: burn::tensor::backend::Backend>(t: Tensor<B, 3>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+    /// `hidden` on `m`, in one pass or column by column through a cache, `[b, t, hidden]` each.
+    fn passes<B: burn::tensor::backend::Backend>(
+        m: &qwen2_burn::Qwen2<B>,
+        cfg: &qwen2_burn::Qwen2Config,
+        batch: &Batch,
+        device: &B::Device,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let (tokens, positions, valid): (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Bool>) =
+            batch.inputs(device);
+        let [b, t] = tokens.dims();
+        let whole = host(m.hidden(tokens.clone(), positions.clone(), valid.clone(), None));
+        let mut cache = KvCache::new(cfg, b, t, device);
+        let first = (t / 2).max(1);
+        let mut steps = vec![host(m.hidden(
+            tokens.clone().slice([0..b, 0..first]),
+            positions.clone().slice([0..b, 0..first]),
+            valid.clone().slice([0..b, 0..first]),
+            Some(&mut cache),
+        ))];
+        for j in first..t {
+            steps.push(host(m.hidden(
+                tokens.clone().slice([0..b, j..j + 1]),
+                positions.clone().slice([0..b, j..j + 1]),
+                valid.clone().slice([0..b, j..j + 1]),
+                Some(&mut cache),
+            )));
+        }
+        (whole, steps)
+    }
+    let sweep = Config {
+        cases: 12,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+    let mut runner = TestRunner::new_with_rng(sweep, rng);
+    runner
+        .run(&case(), |case| {
+            use burn::module::AutodiffModule;
+            let device = Default::default();
+            let composed = model::<B>(&case, &device);
+            let fused = composed.valid();
+            let rows = token_rows(&case);
+            let refs: Vec<(&[u32], &[u32])> = rows
+                .iter()
+                .map(|(p, r)| (p.as_slice(), r.as_slice()))
+                .collect();
+            let batch = Batch::new(&refs);
+            let cfg = config(&case);
+            let (want, want_steps) = passes(&composed, &cfg, &batch, &device);
+            let (got, got_steps) = passes(&fused, &cfg, &batch, &device);
+            common::assert_close(&format!("{case}: hidden"), &got, &want, 2e-4);
+            prop_assert_eq!(got_steps.len(), want_steps.len());
+            for (i, (g, w)) in got_steps.iter().zip(&want_steps).enumerate() {
+                common::assert_close(&format!("{case}: cached pass {i}"), g, w, 2e-4);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
 per_backend!(
     autodiff: every_entry_point_equals_the_cpu_reference,
     logprobs_equal_the_cpu_reference_at_every_total_length,
-    two_ppo_steps_equal_the_cpu_reference
+    two_ppo_steps_equal_the_cpu_reference;
+    cpu: fused_attention_equals_the_composed_one_at_every_position
 );

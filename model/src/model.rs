@@ -8,6 +8,8 @@
 use burn::module::{Module, Param};
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
@@ -15,8 +17,8 @@ use crate::config::Qwen2Config;
 use crate::linear::{mixed_matmul, to_dtype, Linear};
 use crate::rope::{apply_rope, rope_tables};
 
-/// Value written into masked attention scores (finite, so a fully masked padding row gives a
-/// uniform distribution instead of NaN).
+/// Value written into masked attention scores by [`scaled_dot_product`] (finite, so even a fully
+/// masked row would give a uniform distribution, never NaN).
 const MASKED: f32 = -1.0e30;
 
 /// Grouped-query self-attention.
@@ -67,23 +69,68 @@ impl<B: Backend> Attention<B> {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let s = k.dims()[2];
         let q = q.reshape([b, nkv, rep * t, d]);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (d as f64).sqrt());
-        let dtype = scores.dtype();
-        let scores = scores.cast(DType::F32).mask_fill(mask.clone(), MASKED);
-        let probs = softmax(scores, 3).cast(dtype);
-        let out = probs.matmul(v); // [b, nkv, rep·t, d]
+        let out = match B::ad_enabled(&q.device()) {
+            true => scaled_dot_product(q, k, v, mask),
+            false => fused_scaled_dot_product(q, k, v, mask),
+        }; // [b, nkv, rep·t, d]
         debug_assert_eq!(out.dims(), [b, nkv, rep * t, d]);
-        let _ = s;
         let out = out
             .reshape([b, nh, t, d])
             .swap_dims(1, 2)
             .reshape([b, t, nh * d]);
         self.o_proj.forward(out)
     }
+}
+
+/// `softmax(q·kᵀ/√d, masked)·v` from its parts: the `[b, kv, rows, s]` scores are materialised,
+/// masked in f32 and normalised by `softmax`. This is the path autodiff differentiates (Burn 0.21's
+/// fused `attention` has no backward of its own).
+fn scaled_dot_product<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &Tensor<B, 4, Bool>,
+) -> Tensor<B, 4> {
+    let d = q.dims()[3];
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(1.0 / (d as f64).sqrt());
+    let dtype = scores.dtype();
+    let scores = scores.cast(DType::F32).mask_fill(mask.clone(), MASKED);
+    softmax(scores, 3).cast(dtype).matmul(v)
+}
+
+/// The same `softmax(q·kᵀ/√d, masked)·v` through Burn's fused `attention` op, for passes without a
+/// graph (rollout prefill and decode, reference log-probs, critic values, recomputation's forward):
+/// burn-flex runs it per (batch, head) tile without materialising the scores (its naive kernel
+/// for short rows, its flash kernel with an online softmax for long ones). The scale is passed
+/// explicitly, which on cubecl (wgpu, CUDA) selects Burn's decomposed, NaN-safe fallback rather
+/// than its flash kernels, whose results cannot be checked on CUDA here (see README). No row is
+/// fully masked ([`attention_mask`] lets a padding query see itself), so masking to −∞ inside the
+/// op and to [`MASKED`] above give the same numbers. Computed in f32 whatever the inputs are.
+fn fused_scaled_dot_product<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &Tensor<B, 4, Bool>,
+) -> Tensor<B, 4> {
+    let d = q.dims()[3];
+    let dtype = q.dtype();
+    let options = AttentionModuleOptions {
+        scale: Some(1.0 / (d as f64).sqrt()),
+        softcap: None,
+        is_causal: false,
+    };
+    let out = attention(
+        q.cast(DType::F32),
+        k.cast(DType::F32),
+        v.cast(DType::F32),
+        Some(mask.clone()),
+        None,
+        options,
+    );
+    out.cast(dtype)
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
@@ -459,8 +506,10 @@ pub fn log_softmax_gather<B: Backend>(z: Tensor<B, 3>, target: Tensor<B, 3, Int>
 }
 
 /// Boolean mask `[b, 1, rep·t, past + t]`, true where attention is forbidden: key `j` is masked for
-/// query `i` (absolute index `past + i`) when `j > past + i` (causal) or key `j` is padding. The
-/// `t` query rows are tiled `rep` times to match the grouped-query layout.
+/// query `i` (absolute index `past + i`) when `j > past + i` (causal) or key `j` is padding and not
+/// the query's own position. So a padding query (left padding) sees only itself and no row is
+/// fully masked: its output is finite and the same whichever kernel computes it, and no real
+/// query ever sees it. The `t` query rows are tiled `rep` times to match the grouped-query layout.
 fn attention_mask<B: Backend>(
     key_valid: Tensor<B, 2, Bool>,
     past: usize,
@@ -471,11 +520,17 @@ fn attention_mask<B: Backend>(
     let [b, s] = key_valid.dims();
     let q = Tensor::<B, 1, Int>::arange(past as i64..(past + t) as i64, device).reshape([t, 1]);
     let k = Tensor::<B, 1, Int>::arange(0..s as i64, device).reshape([1, s]);
-    let causal = k.greater(q).reshape([1, 1, t, s]).expand([b, 1, t, s]);
+    let causal = k
+        .clone()
+        .greater(q.clone())
+        .reshape([1, 1, t, s])
+        .expand([b, 1, t, s]);
+    let other = k.not_equal(q).reshape([1, 1, t, s]).expand([b, 1, t, s]);
     let pad = key_valid
         .bool_not()
         .reshape([b, 1, 1, s])
-        .expand([b, 1, t, s]);
+        .expand([b, 1, t, s])
+        .bool_and(other);
     causal.bool_or(pad).repeat_dim(2, rep)
 }
 

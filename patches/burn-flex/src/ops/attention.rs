@@ -323,7 +323,6 @@ where
     let v_head_stride = seq_kv * val_dim;
     let v_batch_stride = heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
-    let o_batch_stride = heads * o_head_stride;
     let mask_tile_len = seq_q * seq_kv;
 
     let params = AttentionParams {
@@ -336,19 +335,23 @@ where
         val_dim,
     };
 
-    // Allocate scratch buffers once and reuse across all (batch, head) pairs
-    let mut scratch = ScratchBuffers {
+    // Scratch buffers are allocated once per worker and reused across its (batch, head) pairs.
+    let scratch = || ScratchBuffers {
         row_max: vec![T::neg_infinity(); seq_q],
         row_sum: vec![T::zero(); seq_q],
         scores: vec![T::zero(); seq_q * TILE_KV],
     };
-
-    for b in 0..batch {
-        for h in 0..heads {
+    let work = seq_q * seq_kv * (head_dim + val_dim);
+    for_each_head(
+        &mut output,
+        o_head_stride,
+        heads,
+        work,
+        scratch,
+        |scratch, b, h, out| {
             let q_off = b * q_batch_stride + h * q_head_stride;
             let k_off = b * k_batch_stride + h * k_head_stride;
             let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
             let mask_off = b * mask_batch_step + h * mask_head_step;
             let bias_off = b * bias_batch_step + h * bias_head_step;
 
@@ -356,14 +359,14 @@ where
                 &q_data[q_off..q_off + q_head_stride],
                 &k_data[k_off..k_off + k_head_stride],
                 &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
+                out,
                 mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
                 bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
                 &params,
-                &mut scratch,
+                scratch,
             );
-        }
-    }
+        },
+    );
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
@@ -371,6 +374,46 @@ where
         Layout::contiguous(shape),
         T::dtype(),
     )
+}
+
+/// Multiply-adds per (batch, head) pair times pairs above which the pairs run on rayon's pool
+/// (med-rlvr patch: upstream 0.21 walks them on one thread). Below it, a decode step's few tiny
+/// tiles, the pool's hand-off would cost more than the work.
+#[cfg(feature = "rayon")]
+const PARALLEL_HEADS_WORK: usize = 1 << 20;
+
+/// Runs `body(scratch, batch, head, out)` for every (batch, head) pair, `out` being the pair's
+/// `head_len` elements of the `[batch, heads, seq_q, val_dim]` output; on rayon's pool (one
+/// scratch per worker) when the pairs' total `work` is large enough, else in order on this
+/// thread. Each pair writes only its own output, so the result is the same either way.
+fn for_each_head<T, S>(
+    output: &mut [T],
+    head_len: usize,
+    heads: usize,
+    work: usize,
+    scratch: impl Fn() -> S + Send + Sync,
+    body: impl Fn(&mut S, usize, usize, &mut [T]) + Send + Sync,
+) where
+    T: Send,
+{
+    if head_len == 0 {
+        return;
+    }
+    let pairs = output.len() / head_len;
+    #[cfg(feature = "rayon")]
+    if pairs > 1 && work.saturating_mul(pairs) >= PARALLEL_HEADS_WORK {
+        use rayon::prelude::*;
+        output
+            .par_chunks_mut(head_len)
+            .enumerate()
+            .for_each_init(&scratch, |s, (i, out)| body(s, i / heads, i % heads, out));
+        return;
+    }
+    let _ = (pairs, work);
+    let mut s = scratch();
+    for (i, out) in output.chunks_mut(head_len).enumerate() {
+        body(&mut s, i / heads, i % heads, out);
+    }
 }
 
 /// Gemm dispatch for flash attention block matmuls.
@@ -751,7 +794,6 @@ where
         .unwrap_or((0, 0));
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
-    let mut scores = vec![T::zero(); seq_q * seq_kv];
 
     let q_head_stride = seq_q * head_dim;
     let q_batch_stride = heads * q_head_stride;
@@ -760,7 +802,6 @@ where
     let v_head_stride = seq_kv * val_dim;
     let v_batch_stride = heads * v_head_stride;
     let o_head_stride = seq_q * val_dim;
-    let o_batch_stride = heads * o_head_stride;
     let mask_tile_len = seq_q * seq_kv;
 
     let params = AttentionParams {
@@ -773,12 +814,18 @@ where
         val_dim,
     };
 
-    for b in 0..batch {
-        for h in 0..heads {
+    let work = seq_q * seq_kv * (head_dim + val_dim);
+    let scores = || vec![T::zero(); seq_q * seq_kv];
+    for_each_head(
+        &mut output,
+        o_head_stride,
+        heads,
+        work,
+        scores,
+        |scores, b, h, out| {
             let q_off = b * q_batch_stride + h * q_head_stride;
             let k_off = b * k_batch_stride + h * k_head_stride;
             let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
             let mask_off = b * mask_batch_step + h * mask_head_step;
             let bias_off = b * bias_batch_step + h * bias_head_step;
 
@@ -786,16 +833,16 @@ where
                 &q_data[q_off..q_off + q_head_stride],
                 &k_data[k_off..k_off + k_head_stride],
                 &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
-                &mut scores,
+                out,
+                scores,
                 &params,
                 (
                     mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
                     bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
                 ),
             );
-        }
-    }
+        },
+    );
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
     FlexTensor::new(
