@@ -50,7 +50,7 @@ fn count() -> u32 {
     std::env::var("MEDRLVR_SWEEP_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if cfg!(feature = "wgpu") { 6 } else { 24 })
+        .unwrap_or(if cfg!(feature = "wgpu") { 4 } else { 24 })
 }
 
 fn every_entry_point_equals_the_cpu_reference<B: AutodiffBackend>() {
