@@ -256,7 +256,17 @@ pub fn token_rows(case: &Case) -> Vec<(Vec<u32>, Vec<u32>)> {
     case.rows.iter().map(|&(p, r)| (draw(p), draw(r))).collect()
 }
 
-fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+/// Token rows ([`token_rows`]) as one [`Batch`] (left-padded prompts, right-padded responses).
+pub fn batch(rows: &[(Vec<u32>, Vec<u32>)]) -> Batch {
+    let refs: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .map(|(p, r)| (p.as_slice(), r.as_slice()))
+        .collect();
+    Batch::new(&refs)
+}
+
+/// A tensor's elements on the host, as f32.
+pub fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()
@@ -313,11 +323,7 @@ fn gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
 pub fn outputs<B: AutodiffBackend>(case: &Case, device: &B::Device) -> Vec<(String, Vec<f32>)> {
     let model = model::<B>(case, device);
     let rows = token_rows(case);
-    let refs: Vec<(&[u32], &[u32])> = rows
-        .iter()
-        .map(|(p, r)| (p.as_slice(), r.as_slice()))
-        .collect();
-    let batch = Batch::new(&refs);
+    let batch = batch(&rows);
     let mut out = Vec::new();
     let inner = model.valid();
 

@@ -180,11 +180,8 @@ fn logprobs_equal_the_cpu_reference_at_every_total_length<B: AutodiffBackend>() 
 fn fused_attention_equals_the_composed_one_at_every_position<B: AutodiffBackend>() {
     use burn::tensor::{Bool, Int, Tensor};
     use med_rlvr::experience::Batch;
-    use med_rlvr::selfcheck::{config, model, token_rows};
+    use med_rlvr::selfcheck::{batch, config, host, model, token_rows};
     use qwen2_burn::KvCache;
-    fn host<B: burn::tensor::backend::Backend>(t: Tensor<B, 3>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec().unwrap()
-    }
     /// `hidden` on `m`, in one pass or column by column through a cache, `[b, t, hidden]` each.
     fn passes<B: burn::tensor::backend::Backend>(
         m: &qwen2_burn::Qwen2<B>,
@@ -227,12 +224,7 @@ fn fused_attention_equals_the_composed_one_at_every_position<B: AutodiffBackend>
             let device = Default::default();
             let composed = model::<B>(&case, &device);
             let fused = composed.valid();
-            let rows = token_rows(&case);
-            let refs: Vec<(&[u32], &[u32])> = rows
-                .iter()
-                .map(|(p, r)| (p.as_slice(), r.as_slice()))
-                .collect();
-            let batch = Batch::new(&refs);
+            let batch = batch(&token_rows(&case));
             let cfg = config(&case);
             let (want, want_steps) = passes(&composed, &cfg, &batch, &device);
             let (got, got_steps) = passes(&fused, &cfg, &batch, &device);
