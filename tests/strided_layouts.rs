@@ -2,8 +2,10 @@
 //! `StridedIter`) against ndarray, exactly, on a seeded sweep of strided layouts: rank 1–5, every
 //! permutation, slices, flips (negative strides) and broadcast (stride-0) dims — through
 //! `reshape` (the contiguous copy), unary, scalar and broadcast binary ops, `mask_fill` with a
-//! broadcast mask, boolean and comparison ops, and sums. The values are small integers, so every
-//! result is exact whatever the order of the arithmetic: any difference is a misplaced element.
+//! broadcast mask, boolean and comparison ops, and sums; and the decode-shaped 2-D products of
+//! the patch's `matmul_skinny.rs` (few rows, one column) over a sweep of sizes and layouts. The
+//! values are small integers, so every result is exact whatever the order of the arithmetic: any
+//! difference is a misplaced element.
 
 use burn::backend::{Flex, NdArray};
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
@@ -157,6 +159,86 @@ fn flex_strided_layouts_equal_ndarray_exactly() {
                         b
                     );
                 }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A 2-D product `[m, k] × [k, n]`, each side contiguous or a transposed view of its transpose.
+#[derive(Debug, Clone)]
+struct Product {
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs_transposed: bool,
+    rhs_transposed: bool,
+}
+
+/// Decode-shaped products: 1–40 rows (the few-rows kernel takes up to 32) by 256–1,100 columns
+/// (not all multiples of its 32-column strips), or one column by 128–3,000 rows (split by rows).
+fn product() -> impl Strategy<Value = Product> {
+    let few_rows = (1usize..=40, 256usize..=1100);
+    let one_column = (128usize..=3000, Just(1usize));
+    (
+        prop_oneof![few_rows, one_column],
+        256usize..=1000,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|((m, n), k, lhs_transposed, rhs_transposed)| Product {
+            m,
+            n,
+            k,
+            lhs_transposed,
+            rhs_transposed,
+        })
+}
+
+/// A `[rows, cols]` matrix of small integers from `seed`, contiguous or a transposed view.
+fn matrix<B: Backend>(rows: usize, cols: usize, transposed: bool, seed: usize) -> Tensor<B, 2> {
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7 + seed) % 29) as f32 - 14.0)
+        .collect();
+    let device = Default::default();
+    if transposed {
+        Tensor::<B, 2>::from_data(TensorData::new(values, [cols, rows]), &device).transpose()
+    } else {
+        Tensor::<B, 2>::from_data(TensorData::new(values, [rows, cols]), &device)
+    }
+}
+
+fn product_of<B: Backend>(p: &Product) -> Vec<f32> {
+    let lhs = matrix::<B>(p.m, p.k, p.lhs_transposed, 3);
+    let rhs = matrix::<B>(p.k, p.n, p.rhs_transposed, 11);
+    data(lhs.matmul(rhs))
+}
+
+#[test]
+fn flex_decode_shaped_products_equal_ndarray_exactly() {
+    let config = Config {
+        cases: 40,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+    let mut runner = TestRunner::new_with_rng(config, rng);
+    runner
+        .run(&product(), |p| {
+            let got = product_of::<Flex>(&p);
+            let want = product_of::<NdArray<f32>>(&p);
+            prop_assert_eq!(got.len(), want.len(), "{:?}: length", p);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                prop_assert!(
+                    a.to_bits() == b.to_bits(),
+                    "{:?}: element {} (row {}, column {}): flex {} ndarray {}",
+                    p,
+                    i,
+                    i / p.n,
+                    i % p.n,
+                    a,
+                    b
+                );
             }
             Ok(())
         })

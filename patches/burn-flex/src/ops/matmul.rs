@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 use burn_backend::{DType, Element};
 use burn_std::{Bytes, Shape, bf16, f16};
 
+use super::matmul_skinny;
 use crate::{FlexTensor, Layout};
 
 /// Types that can be used with gemm-based matmul.
@@ -263,6 +264,55 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let out_shape = Shape::from(vec![m, n]);
     let mut output = FlexTensor::empty(out_shape, T::dtype());
     let out_data: &mut [T] = output.storage_mut();
+
+    // med-rlvr patch (change 6): decode-shaped products on every core (`matmul_skinny.rs`).
+    if T::dtype() == DType::F32 && matmul_skinny::few_rows_applies(m, n, k, rhs_col_stride) {
+        let out: &mut [f32] = bytemuck::cast_slice_mut(out_data);
+        // SAFETY: f32 data (checked above), the strides of the two valid views.
+        unsafe {
+            matmul_skinny::matmul_few_rows(
+                m,
+                n,
+                k,
+                out,
+                lhs_ptr.cast(),
+                lhs_row_stride,
+                lhs_col_stride,
+                rhs_ptr.cast(),
+                rhs_row_stride,
+            );
+        }
+        return output;
+    }
+    #[cfg(feature = "rayon")]
+    if matmul_skinny::one_column_applies(m, n, k) {
+        let (lhs, rhs) = (
+            matmul_skinny::Shared(lhs_ptr),
+            matmul_skinny::Shared(rhs_ptr),
+        );
+        matmul_skinny::matmul_one_column(out_data, |row, out| {
+            let (lhs, rhs) = (lhs, rhs);
+            // SAFETY: rows `row..row + out.len()` of the valid lhs view; gemm's GEMV per run.
+            unsafe {
+                gemm_call(
+                    out.len(),
+                    1,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    1,
+                    lhs.0.offset(row as isize * lhs_row_stride),
+                    lhs_col_stride,
+                    lhs_row_stride,
+                    rhs.0,
+                    rhs_col_stride,
+                    rhs_row_stride,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+        return output;
+    }
 
     let parallelism = get_parallelism(m, n, k);
 

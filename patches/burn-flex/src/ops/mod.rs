@@ -110,6 +110,7 @@ mod int;
 pub mod interpolate;
 pub mod mask;
 pub mod matmul;
+mod matmul_skinny; // med-rlvr patch (change 6)
 mod module;
 pub mod pool;
 mod qtensor;
