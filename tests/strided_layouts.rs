@@ -10,7 +10,7 @@
 use burn::backend::{Flex, NdArray};
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 /// A strided view of a fresh tensor: `base` shape, then a permutation, an optional slice
 /// `[start, end)` of one dim, an optional flip of one dim, and size-1 dims broadcast to `expand`.
@@ -133,32 +133,40 @@ fn outputs<B: Backend>(v: &View) -> Vec<(String, Vec<f32>)> {
     ]
 }
 
-#[test]
-fn flex_strided_layouts_equal_ndarray_exactly() {
+/// A proptest runner with a fixed seed and no failure files: the same cases on every run.
+fn seeded_runner(cases: u32) -> TestRunner {
     let config = Config {
-        cases: 300,
+        cases,
         failure_persistence: None,
         ..Config::default()
     };
-    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
-    let mut runner = TestRunner::new_with_rng(config, rng);
-    runner
+    TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+}
+
+/// `got` and `want` have the same length and the same bits at every index (`what` names the case).
+fn same_bits(what: &str, got: &[f32], want: &[f32]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(got.len(), want.len(), "{}: length", what);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        prop_assert!(
+            a.to_bits() == b.to_bits(),
+            "{}: element {}: flex {} ndarray {}",
+            what,
+            i,
+            a,
+            b
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn flex_strided_layouts_equal_ndarray_exactly() {
+    seeded_runner(300)
         .run(&view(), |v| {
             let got = outputs::<Flex>(&v);
             let want = outputs::<NdArray<f32>>(&v);
             for ((name, g), (_, w)) in got.iter().zip(&want) {
-                prop_assert_eq!(g.len(), w.len(), "{:?}: {} length", v, name);
-                for (i, (a, b)) in g.iter().zip(w).enumerate() {
-                    prop_assert!(
-                        a.to_bits() == b.to_bits(),
-                        "{:?}: {} element {}: flex {} ndarray {}",
-                        v,
-                        name,
-                        i,
-                        a,
-                        b
-                    );
-                }
+                same_bits(&format!("{v:?}: {name}"), g, w)?;
             }
             Ok(())
         })
@@ -216,31 +224,13 @@ fn product_of<B: Backend>(p: &Product) -> Vec<f32> {
 
 #[test]
 fn flex_decode_shaped_products_equal_ndarray_exactly() {
-    let config = Config {
-        cases: 40,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
-    let mut runner = TestRunner::new_with_rng(config, rng);
-    runner
+    seeded_runner(40)
         .run(&product(), |p| {
-            let got = product_of::<Flex>(&p);
-            let want = product_of::<NdArray<f32>>(&p);
-            prop_assert_eq!(got.len(), want.len(), "{:?}: length", p);
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                prop_assert!(
-                    a.to_bits() == b.to_bits(),
-                    "{:?}: element {} (row {}, column {}): flex {} ndarray {}",
-                    p,
-                    i,
-                    i / p.n,
-                    i % p.n,
-                    a,
-                    b
-                );
-            }
-            Ok(())
+            same_bits(
+                &format!("{p:?} (element = row × {} + column)", p.n),
+                &product_of::<Flex>(&p),
+                &product_of::<NdArray<f32>>(&p),
+            )
         })
         .unwrap();
 }

@@ -26,8 +26,10 @@ const MAX_ROWS: usize = 32;
 /// Columns of one strip: two AVX-512 registers per output row.
 const STRIP: usize = 32;
 /// Rows of the right-hand side walked before the accumulators go back to memory.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 const DEPTH_BLOCK: usize = 16;
 /// Output rows kept in registers at once (8 × 2 accumulators + the weight row + a broadcast).
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 const ROW_GROUP: usize = 8;
 /// Below this many multiply-adds a product stays on gemm: thread start-up would cost more.
 const MIN_WORK: usize = 256 * 1024;
@@ -193,6 +195,7 @@ unsafe fn strips_avx512(
 }
 
 /// `R` output rows × `width` (≤ 32) columns, over the depth range `depth` of the product.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 struct Tile {
     out: *mut f32,
     out_rs: usize,
@@ -205,6 +208,7 @@ struct Tile {
     depth: Range<usize>,
 }
 
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 impl Tile {
     /// `R` rows of a full strip or (`FULL = false`) of the last, narrower one.
     #[inline(always)]
