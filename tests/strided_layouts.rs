@@ -184,10 +184,10 @@ struct Product {
 }
 
 /// Decode-shaped products: 1–40 rows (the few-rows kernel takes up to 32) by 256–1,100 columns
-/// (not all multiples of its 32-column strips), or one column by 128–3,000 rows (split by rows).
+/// (not all multiples of its 32-column strips), or one column by 1,024–4,000 rows (split by rows).
 fn product() -> impl Strategy<Value = Product> {
     let few_rows = (1usize..=40, 256usize..=1100);
-    let one_column = (128usize..=3000, Just(1usize));
+    let one_column = (1024usize..=4000, Just(1usize));
     (
         prop_oneof![few_rows, one_column],
         256usize..=1000,

@@ -19,6 +19,8 @@
 //! like gemm's own kernels); elsewhere gemm does the product as before. The one-column split hands
 //! each thread whole rows of gemm's own GEMV, so its results are gemm's, bit for bit.
 
+#[cfg(feature = "rayon")]
+use alloc::vec::Vec;
 use core::ops::Range;
 
 /// Output rows the kernel takes; above this gemm's packed kernels are as fast.
@@ -33,8 +35,10 @@ const DEPTH_BLOCK: usize = 16;
 const ROW_GROUP: usize = 8;
 /// Below this many multiply-adds a product stays on gemm: thread start-up would cost more.
 const MIN_WORK: usize = 256 * 1024;
-/// A one-column product's rows per thread: a multiple of this.
+/// A one-column product's runs of rows start at multiples of this.
 const ROW_BLOCK: usize = 64;
+/// A one-column product's rows per thread: at least about this many.
+const MIN_RUN: usize = 512;
 
 /// A pointer shared by threads that read one input or write disjoint parts of one output.
 #[derive(Clone, Copy)]
@@ -67,20 +71,30 @@ fn has_avx512() -> bool {
 
 /// Whether `[m, k] × [k, n]` is a one-column product worth splitting by rows over threads.
 pub(crate) fn one_column_applies(m: usize, n: usize, k: usize) -> bool {
-    cfg!(feature = "rayon") && n == 1 && m >= 2 * ROW_BLOCK && m.saturating_mul(k) >= MIN_WORK
+    cfg!(feature = "rayon") && n == 1 && m >= 2 * MIN_RUN && m.saturating_mul(k) >= MIN_WORK
 }
 
-/// `out` (a one-column product's `m` rows) cut into one run of rows per thread, each but the last a
-/// multiple of [`ROW_BLOCK`] long; `rows(first_row, out_rows)` computes one run.
+/// `out` (a one-column product's `m` rows) cut into one run of rows per thread, `rows(first_row,
+/// out_rows)` computing one run. Every run starts at a multiple of [`ROW_BLOCK`] (gemm's GEMV puts
+/// the same rows in the same SIMD lanes as for the whole product) and is longer than 256 rows
+/// (gemm takes another kernel for products of at most 16 × 16 elements), so each row is computed
+/// as gemm computes it for the whole product.
 #[cfg(feature = "rayon")]
 pub(crate) fn matmul_one_column<T: Send>(out: &mut [T], rows: impl Fn(usize, &mut [T]) + Sync) {
     use rayon::prelude::*;
     let m = out.len();
-    let parts = rayon::current_num_threads().clamp(1, m / ROW_BLOCK);
-    let per = m.div_ceil(parts).next_multiple_of(ROW_BLOCK);
-    out.par_chunks_mut(per)
-        .enumerate()
-        .for_each(|(p, out)| rows(p * per, out));
+    let parts = rayon::current_num_threads().clamp(1, m / MIN_RUN);
+    // runs of `per` rows (≥ MIN_RUN − ROW_BLOCK + 1 > 256), the last one takes the rest (≥ per)
+    let per = (m / parts) / ROW_BLOCK * ROW_BLOCK;
+    let mut runs = Vec::with_capacity(parts);
+    let mut rest = out;
+    for p in 0..parts - 1 {
+        let (run, tail) = rest.split_at_mut(per);
+        runs.push((p * per, run));
+        rest = tail;
+    }
+    runs.push(((parts - 1) * per, rest));
+    runs.into_par_iter().for_each(|(row, out)| rows(row, out));
 }
 
 /// `out[i, j] = Σ_p lhs[i, p] · rhs[p, j]` for `i < m`, `j < n`, `p < k`, summed in order of `p`
