@@ -224,7 +224,8 @@ struct Tile {
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 impl Tile {
-    /// `R` rows of a full strip or (`FULL = false`) of the last, narrower one.
+    /// `R` rows of a full strip (`fma_chain` with `FULL`: fixed-length loops) or of the last,
+    /// narrower one.
     #[inline(always)]
     unsafe fn run<const R: usize>(&self) {
         if self.width == STRIP {
