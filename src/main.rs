@@ -94,6 +94,9 @@ fn exit(code: i32) -> ! {
 fn main() {
     app::allocator::keep_freed_memory();
     let cli = Cli::parse();
+    if !cli.main_thread_outside_pool() {
+        app::threads::main_thread_computes();
+    }
     #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
     private_autotune_cache();
     let device = <Inner as burn::tensor::backend::BackendTypes>::Device::default();

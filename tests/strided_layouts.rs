@@ -3,7 +3,8 @@
 //! permutation, slices, flips (negative strides) and broadcast (stride-0) dims — through
 //! `reshape` (the contiguous copy), unary, scalar and broadcast binary ops, `mask_fill` with a
 //! broadcast mask, boolean and comparison ops, and sums; and the decode-shaped 2-D products of
-//! the patch's `matmul_skinny.rs` (few rows, one column) over a sweep of sizes and layouts. The
+//! the patch's `matmul_skinny.rs` (few rows, one column) over a sweep of sizes and layouts, from
+//! a thread of a rayon pool and from outside one. The
 //! values are small integers, so every result is exact whatever the order of the arithmetic: any
 //! difference is a misplaced element.
 
@@ -173,7 +174,8 @@ fn flex_strided_layouts_equal_ndarray_exactly() {
         .unwrap();
 }
 
-/// A 2-D product `[m, k] × [k, n]`, each side contiguous or a transposed view of its transpose.
+/// A 2-D product `[m, k] × [k, n]`, each side contiguous or a transposed view of its transpose,
+/// asked for from a thread of a rayon pool or from outside one.
 #[derive(Debug, Clone)]
 struct Product {
     m: usize,
@@ -181,26 +183,34 @@ struct Product {
     k: usize,
     lhs_transposed: bool,
     rhs_transposed: bool,
+    on_pool_thread: bool,
 }
 
 /// Decode-shaped products: 1–40 rows (the few-rows kernel takes up to 32) by 256–1,100 columns
-/// (not all multiples of its 32-column strips), or one column by 1,024–4,000 rows (split by rows).
+/// (not all multiples of its 32-column strips), depth 64–1,000 (work on both sides of the kernel's
+/// thresholds, 64 Ki and 256 Ki multiply-adds); 1–6 rows by 128–300 columns (from 128 columns the
+/// kernel takes up to 4 rows on a pool thread), depth 256–1,000; or one column by 1,024–4,000 rows
+/// (split by rows), depth 64–1,000.
 fn product() -> impl Strategy<Value = Product> {
-    let few_rows = (1usize..=40, 256usize..=1100);
-    let one_column = (1024usize..=4000, Just(1usize));
+    let few_rows = (1usize..=40, 256usize..=1100, 64usize..=1000);
+    let narrow = (1usize..=6, 128usize..=300, 256usize..=1000);
+    let one_column = (1024usize..=4000, Just(1usize), 64usize..=1000);
     (
-        prop_oneof![few_rows, one_column],
-        256usize..=1000,
+        prop_oneof![2 => few_rows, 3 => narrow, 1 => one_column],
+        any::<bool>(),
         any::<bool>(),
         any::<bool>(),
     )
-        .prop_map(|((m, n), k, lhs_transposed, rhs_transposed)| Product {
-            m,
-            n,
-            k,
-            lhs_transposed,
-            rhs_transposed,
-        })
+        .prop_map(
+            |((m, n, k), lhs_transposed, rhs_transposed, on_pool_thread)| Product {
+                m,
+                n,
+                k,
+                lhs_transposed,
+                rhs_transposed,
+                on_pool_thread,
+            },
+        )
 }
 
 /// A `[rows, cols]` matrix of small integers from `seed`, contiguous or a transposed view.
@@ -224,11 +234,22 @@ fn product_of<B: Backend>(p: &Product) -> Vec<f32> {
 
 #[test]
 fn flex_decode_shaped_products_equal_ndarray_exactly() {
-    seeded_runner(40)
+    // The binary's main thread is one of rayon's (src/app/threads.rs), where the kernel takes
+    // narrower and smaller products than from outside the pool.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    seeded_runner(120)
         .run(&product(), |p| {
+            let got = if p.on_pool_thread {
+                pool.install(|| product_of::<Flex>(&p))
+            } else {
+                product_of::<Flex>(&p)
+            };
             same_bits(
                 &format!("{p:?} (element = row × {} + column)", p.n),
-                &product_of::<Flex>(&p),
+                &got,
                 &product_of::<NdArray<f32>>(&p),
             )
         })

@@ -1,6 +1,8 @@
-//! `med-rlvr bench`: prefill and decode throughput of a model geometry with random weights, and
-//! the rollout throughput of the sampler, and the memory of one training update against the plan. `benches/torch_reference.py` measures transformers on
-//! the same geometry and prints the same JSON, so the two can be compared side by side.
+//! `med-rlvr bench`: prefill and decode throughput of a model geometry with random weights, the
+//! rollout throughput of the sampler, each weight-reading product of a decode step alone, and the
+//! memory of one training update against the plan. `benches/torch_reference.py` measures
+//! transformers on the same geometry and prints the same JSON, so the two can be compared side by
+//! side.
 
 use std::time::Instant;
 
@@ -138,6 +140,108 @@ pub fn kernels<B: Backend>(
         prefill_tok_s: (batch * prompt_len) as f64 / prefill_s,
         decode_tok_s: (batch * new_tokens) as f64 / decode_s,
         decode_weight_bytes_per_s: weight_bytes * steps_per_s,
+    }
+}
+
+/// One weight-reading product of a decode step, timed alone.
+#[derive(Debug, Serialize)]
+pub struct ProductTime {
+    pub name: &'static str,
+    /// `[m, k] × [k, n]`.
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub microseconds: f64,
+    /// Weight bytes read per second: the product's speed limit at decode is memory bandwidth.
+    pub weight_gb_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProductsBench {
+    pub batch: usize,
+    /// `inside` (the binary's main thread is one of rayon's: `src/app/threads.rs`) or `outside`
+    /// (`--outside-pool`: as before that change).
+    pub main_thread: &'static str,
+    pub products: Vec<ProductTime>,
+}
+
+/// Each product of one decode step of `config` at `batch` rows, timed alone: the attention and
+/// MLP projections `[batch, k] × [k, n]` (the weight in our `Linear` layout, `[d_in, d_out]`) and
+/// the tied head `E · hᵀ` (`[vocab, hidden] × [hidden, batch]`). Each weight has distinct copies
+/// cycled through, 1 GiB together (2–4,096 copies: 2,340 for the 0.5B geometry's smallest), so
+/// each product reads its weight from memory as a decode step does; `passes` timed passes over
+/// them after one untimed pass; the last result read back once per pass (a GPU's queue drained).
+pub fn products<B: Backend>(
+    config: &Qwen2Config,
+    batch: usize,
+    passes: usize,
+    main_thread: &'static str,
+    device: &B::Device,
+) -> ProductsBench {
+    use burn::tensor::Distribution;
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let kv = config.num_key_value_heads * config.head_dim;
+    let q = config.num_attention_heads * config.head_dim;
+    let shapes: [(&'static str, usize, usize, usize); 8] = [
+        ("q_proj", batch, h, q),
+        ("k_proj", batch, h, kv),
+        ("v_proj", batch, h, kv),
+        ("o_proj", batch, q, h),
+        ("gate_proj", batch, h, i),
+        ("up_proj", batch, h, i),
+        ("down_proj", batch, i, h),
+        ("tied_head", config.vocab_size, h, batch),
+    ];
+    let dist = Distribution::Uniform(-0.05, 0.05);
+    let products = shapes
+        .into_iter()
+        .map(|(name, m, k, n)| {
+            // The weight is the right-hand side, except for the head's `E` on the left.
+            let head = m == config.vocab_size;
+            let weight_elems = if head { m * k } else { k * n };
+            let copies = ((1usize << 30) / (4 * weight_elems)).clamp(2, 4096);
+            let weights: Vec<Tensor<B, 2>> = (0..copies)
+                .map(|_| {
+                    let shape = if head { [m, k] } else { [k, n] };
+                    Tensor::random(shape, dist, device)
+                })
+                .collect();
+            let other = if head {
+                Tensor::<B, 2>::random([k, n], dist, device)
+            } else {
+                Tensor::<B, 2>::random([m, k], dist, device)
+            };
+            let pass = || {
+                let mut last = None;
+                for w in &weights {
+                    last = Some(if head {
+                        w.clone().matmul(other.clone())
+                    } else {
+                        other.clone().matmul(w.clone())
+                    });
+                }
+                let _ = last.map(|t| t.into_data());
+            };
+            pass();
+            let t0 = Instant::now();
+            for _ in 0..passes {
+                pass();
+            }
+            let seconds = t0.elapsed().as_secs_f64() / (passes * copies) as f64;
+            ProductTime {
+                name,
+                m,
+                k,
+                n,
+                microseconds: seconds * 1e6,
+                weight_gb_s: (4 * weight_elems) as f64 / seconds / 1e9,
+            }
+        })
+        .collect();
+    ProductsBench {
+        batch,
+        main_thread,
+        products,
     }
 }
 

@@ -480,6 +480,18 @@ pub struct BenchArgs {
     /// Micro-batches: the token budget of the other split (`ppo.micro_batch_tokens`).
     #[arg(long, value_parser = at_least_one)]
     pub micro_batch_tokens: Option<usize>,
+    /// Products mode: each weight-reading product of one decode step at `--batch` rows (the
+    /// seven projections and the tied head) timed alone, its weight read from memory; weight GB/s.
+    #[arg(long, conflicts_with_all = ["rollout", "update", "micro_batches", "verifier"])]
+    pub products: bool,
+    /// Products mode: timed passes over each weight's copies (1 GiB together, 2–4,096 copies).
+    #[arg(long, default_value_t = 3, value_parser = at_least_one)]
+    pub passes: usize,
+    /// Keep the main thread out of rayon's pool, as before it joined it (`src/app/threads.rs`):
+    /// the CPU backend's ops are then handed to the pool's threads while the main thread waits.
+    /// For timing that change side by side with one binary.
+    #[arg(long)]
+    pub outside_pool: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -547,6 +559,11 @@ fn top_p(s: &str) -> Result<f32, String> {
 }
 
 impl Cli {
+    /// Whether the main thread stays out of rayon's pool (`bench --outside-pool`).
+    pub fn main_thread_outside_pool(&self) -> bool {
+        matches!(&self.command, Command::Bench(b) if b.outside_pool)
+    }
+
     /// Whether the command computes with the model (and so needs the backend's device).
     #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
     pub fn needs_device(&self) -> bool {

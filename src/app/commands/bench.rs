@@ -88,6 +88,17 @@ pub(crate) fn run<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Resul
         outln!("{}", serde_json::to_string(&line)?);
         return Ok(());
     }
+    if a.products {
+        let main_thread = if a.outside_pool { "outside" } else { "inside" };
+        let line =
+            crate::app::bench::products::<B<A>>(&config, a.batch, a.passes, main_thread, device);
+        if a.json {
+            outln!("{}", serde_json::to_string(&line)?);
+        } else {
+            outln!("{}", serde_json::to_string_pretty(&line)?);
+        }
+        return Ok(());
+    }
     let mut model = Qwen2::<B<A>>::init_random(&config, 0, device);
     if a.dtype == BenchDtype::Bf16 {
         if !B::<A>::supports_dtype(device, burn::tensor::DType::BF16) {
