@@ -206,8 +206,9 @@ pub fn products<B: Backend>(
                     Tensor::random(shape, dist, device)
                 })
                 .collect();
+            // The head multiplies by the hidden states' transposed view, as `Qwen2::logits` does.
             let other = if head {
-                Tensor::<B, 2>::random([k, n], dist, device)
+                Tensor::<B, 2>::random([n, k], dist, device).transpose()
             } else {
                 Tensor::<B, 2>::random([m, k], dist, device)
             };
