@@ -4,9 +4,8 @@
 //! `reshape` (the contiguous copy), unary, scalar and broadcast binary ops, `mask_fill` with a
 //! broadcast mask, boolean and comparison ops, and sums; and the decode-shaped 2-D products of
 //! the patch's `matmul_skinny.rs` (few rows, one column) over a sweep of sizes and layouts, from
-//! a thread of a rayon pool and from outside one. The
-//! values are small integers, so every result is exact whatever the order of the arithmetic: any
-//! difference is a misplaced element.
+//! a thread of a rayon pool and from outside one. The values are small integers, so every result
+//! is exact whatever the order of the arithmetic: any difference is a misplaced element.
 
 use burn::backend::{Flex, NdArray};
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};

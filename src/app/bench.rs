@@ -182,29 +182,26 @@ pub fn products<B: Backend>(
     let (h, i) = (config.hidden_size, config.intermediate_size);
     let kv = config.num_key_value_heads * config.head_dim;
     let q = config.num_attention_heads * config.head_dim;
-    let shapes: [(&'static str, usize, usize, usize); 8] = [
-        ("q_proj", batch, h, q),
-        ("k_proj", batch, h, kv),
-        ("v_proj", batch, h, kv),
-        ("o_proj", batch, q, h),
-        ("gate_proj", batch, h, i),
-        ("up_proj", batch, h, i),
-        ("down_proj", batch, i, h),
-        ("tied_head", config.vocab_size, h, batch),
+    // (name, m, k, n, whether the weight is the left-hand side: the head's `E`)
+    let shapes: [(&'static str, usize, usize, usize, bool); 8] = [
+        ("q_proj", batch, h, q, false),
+        ("k_proj", batch, h, kv, false),
+        ("v_proj", batch, h, kv, false),
+        ("o_proj", batch, q, h, false),
+        ("gate_proj", batch, h, i, false),
+        ("up_proj", batch, h, i, false),
+        ("down_proj", batch, i, h, false),
+        ("tied_head", config.vocab_size, h, batch, true),
     ];
     let dist = Distribution::Uniform(-0.05, 0.05);
     let products = shapes
         .into_iter()
-        .map(|(name, m, k, n)| {
-            // The weight is the right-hand side, except for the head's `E` on the left.
-            let head = m == config.vocab_size;
-            let weight_elems = if head { m * k } else { k * n };
+        .map(|(name, m, k, n, head)| {
+            let weight_shape = if head { [m, k] } else { [k, n] };
+            let weight_elems = weight_shape[0] * weight_shape[1];
             let copies = ((1usize << 30) / (4 * weight_elems)).clamp(2, 4096);
             let weights: Vec<Tensor<B, 2>> = (0..copies)
-                .map(|_| {
-                    let shape = if head { [m, k] } else { [k, n] };
-                    Tensor::random(shape, dist, device)
-                })
+                .map(|_| Tensor::random(weight_shape, dist, device))
                 .collect();
             // The head multiplies by the hidden states' transposed view, as `Qwen2::logits` does.
             let other = if head {

@@ -92,12 +92,7 @@ pub(crate) fn run<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Resul
         let main_thread = if a.outside_pool { "outside" } else { "inside" };
         let line =
             crate::app::bench::products::<B<A>>(&config, a.batch, a.passes, main_thread, device);
-        if a.json {
-            outln!("{}", serde_json::to_string(&line)?);
-        } else {
-            outln!("{}", serde_json::to_string_pretty(&line)?);
-        }
-        return Ok(());
+        return print_line(&serde_json::to_value(line)?, a.json);
     }
     let mut model = Qwen2::<B<A>>::init_random(&config, 0, device);
     if a.dtype == BenchDtype::Bf16 {
@@ -133,10 +128,15 @@ pub(crate) fn run<A: AutodiffBackend>(a: BenchArgs, device: &A::Device) -> Resul
             device,
         ))?
     };
-    if a.json {
+    print_line(&line, a.json)
+}
+
+/// A bench's result: one JSON line with `--json`, else indented.
+fn print_line(line: &serde_json::Value, json: bool) -> Result<()> {
+    if json {
         outln!("{line}");
     } else {
-        outln!("{}", serde_json::to_string_pretty(&line)?);
+        outln!("{}", serde_json::to_string_pretty(line)?);
     }
     Ok(())
 }
